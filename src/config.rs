@@ -1,0 +1,368 @@
+//! Configuration: the TOML file, `SWITCHYARD_SECTION__KEY` environment overrides,
+//! defaults for every option, and validation that names the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Permission;
+
+/// The whole configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub session: SessionConfig,
+    pub api: ApiConfig,
+    pub engine: EngineConfig,
+    pub log: LogConfig,
+    /// Options per channel namespace (the first token of a channel name).
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// Listener, identity and lifecycle of the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Node id shown to clients and in presence; a random id when empty.
+    pub node_id: String,
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// Clients are told to reconnect after a random delay up to this, so a
+    /// draining node does not move all its clients to its neighbours at once.
+    #[serde(with = "duration")]
+    pub reconnect_jitter: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            node_id: String::new(),
+            drain_timeout: Duration::from_secs(10),
+            reconnect_jitter: Duration::from_secs(5),
+            max_connections: 200_000,
+            max_connections_per_user: 64,
+        }
+    }
+}
+
+/// How tokens are verified (and, for development, minted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret for HS256; also what `switchyard token` signs with.
+    pub hmac_secret: String,
+    /// PEM file with an RSA public key (RS256).
+    pub rsa_public_key: Option<PathBuf>,
+    /// PEM file with an EC P-256 public key (ES256).
+    pub ec_public_key: Option<PathBuf>,
+    /// A JWKS file; keys are chosen by the token's `kid`.
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(with = "duration")]
+    pub leeway: Duration,
+    /// How long before expiry the client is sent `expiring`.
+    #[serde(with = "duration")]
+    pub expiring_notice: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hmac_secret: String::new(),
+            rsa_public_key: None,
+            ec_public_key: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+            expiring_notice: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Limits and timers of one client connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Outbox bound in frames; past it a non-conflated connection is closed with 4008.
+    pub outbox_messages: usize,
+    /// Outbox bound in bytes.
+    pub outbox_bytes: usize,
+    /// Largest inbound frame; a larger one closes the connection with 4010.
+    pub max_frame_bytes: usize,
+    pub max_subscriptions: usize,
+    /// Inbound frames per second (token bucket refill rate).
+    pub rate_frames_per_sec: u32,
+    /// Token bucket size for frames.
+    pub rate_frames_burst: u32,
+    /// Inbound bytes per second.
+    pub rate_bytes_per_sec: u32,
+    /// Limited frames tolerated (each answered with an error) before closing with 4009.
+    pub rate_violations_before_close: u32,
+    /// A socket write that makes no progress for this long drops the connection.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            outbox_messages: 1024,
+            outbox_bytes: 1 << 20,
+            max_frame_bytes: 64 << 10,
+            max_subscriptions: 512,
+            rate_frames_per_sec: 100,
+            rate_frames_burst: 200,
+            rate_bytes_per_sec: 1 << 20,
+            rate_violations_before_close: 20,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The server HTTP API for backends.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// API key; when empty every `/api/` call is refused.
+    pub key: String,
+}
+
+/// Which engine carries publications and presence.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub kind: EngineKind,
+}
+
+/// The available engines.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// In-process broker and presence: one node.
+    #[default]
+    Memory,
+}
+
+/// Logging output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            json: false,
+        }
+    }
+}
+
+/// Options of one namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Publications kept per channel.
+    pub history_size: usize,
+    #[serde(with = "duration")]
+    pub history_ttl: Duration,
+    /// Most publications one replay or history call returns.
+    pub max_replay: usize,
+    /// Whether clients may publish (with the `pub` permission); the API always may.
+    pub client_publish: bool,
+    pub presence: bool,
+    pub join_leave: bool,
+    /// A newer publication replaces an unsent older one on the same channel.
+    pub conflate: bool,
+    /// Per user+device cursors moved by `ack`; subscribe without `since` resumes from them.
+    pub acked: bool,
+    /// Window in which a repeated `msg_id` returns the original publication.
+    #[serde(with = "duration")]
+    pub dedupe_window: Duration,
+    /// Permissions every authenticated user has in this namespace.
+    pub allow: Vec<Permission>,
+    /// Publications sent on subscribe when the client does not ask for `snapshot`.
+    pub default_snapshot: usize,
+    /// Largest `data` of one publication, in bytes.
+    pub max_data_bytes: usize,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            max_replay: 1000,
+            client_publish: false,
+            presence: false,
+            join_leave: false,
+            conflate: false,
+            acked: false,
+            dedupe_window: Duration::from_secs(120),
+            allow: Vec::new(),
+            default_snapshot: 0,
+            max_data_bytes: 16 << 10,
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is inconsistent.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Loads defaults, then the TOML file (if given), then `SWITCHYARD_*` variables, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("SWITCHYARD_").split("__"));
+        let config: Config = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            if key.is_empty() {
+                ConfigError(format!("invalid configuration: {e}"))
+            } else {
+                ConfigError(format!("invalid configuration at `{key}`: {}", e.kind))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: &str| Err(ConfigError(format!("`{key}`: {why}")));
+        let s = &self.session;
+        if s.ping_interval.is_zero() {
+            return err("session.ping_interval", "must be greater than zero");
+        }
+        if s.idle_timeout.is_zero() {
+            return err("session.idle_timeout", "must be greater than zero");
+        }
+        if s.outbox_messages == 0 {
+            return err("session.outbox_messages", "must be at least 1");
+        }
+        if s.outbox_bytes < 1024 {
+            return err("session.outbox_bytes", "must be at least 1024");
+        }
+        if s.max_frame_bytes < 256 {
+            return err("session.max_frame_bytes", "must be at least 256");
+        }
+        if s.rate_frames_per_sec == 0 || s.rate_frames_burst == 0 || s.rate_bytes_per_sec == 0 {
+            return err(
+                "session.rate_*",
+                "rates and bursts must be greater than zero",
+            );
+        }
+        if self.auth.hmac_secret.is_empty()
+            && self.auth.rsa_public_key.is_none()
+            && self.auth.ec_public_key.is_none()
+            && self.auth.jwks_file.is_none()
+        {
+            return err(
+                "auth",
+                "no key configured: set auth.hmac_secret, auth.rsa_public_key, auth.ec_public_key or auth.jwks_file",
+            );
+        }
+        if !self.auth.hmac_secret.is_empty() && self.auth.hmac_secret.len() < 16 {
+            return err("auth.hmac_secret", "must be at least 16 bytes long");
+        }
+        if self.namespaces.is_empty() {
+            return err("namespaces", "at least one namespace must be configured");
+        }
+        for (name, ns) in &self.namespaces {
+            if !crate::channel::is_valid_token(name) {
+                return err(&format!("namespaces.{name}"), "invalid namespace name");
+            }
+            if ns.history_size == 0 && (ns.acked || ns.default_snapshot > 0) {
+                return err(
+                    &format!("namespaces.{name}.history_size"),
+                    "must be > 0 when acked or default_snapshot is set",
+                );
+            }
+            if ns.default_snapshot > ns.history_size {
+                return err(
+                    &format!("namespaces.{name}.default_snapshot"),
+                    "cannot exceed history_size",
+                );
+            }
+            if ns.max_replay == 0 {
+                return err(
+                    &format!("namespaces.{name}.max_replay"),
+                    "must be at least 1",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Options for a namespace, if configured.
+    pub fn namespace(&self, name: &str) -> Option<&NamespaceConfig> {
+        self.namespaces.get(name)
+    }
+}
+
+/// Durations as human strings ("25s", "1h 30m") or integer milliseconds.
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Millis(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
+            Raw::Text(text) => humantime::parse_duration(&text).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?}: {e} (use e.g. \"30s\")"
+                ))
+            }),
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The in-process engine for a single node: a per-namespace sequence, bounded
+//! per-channel history (size and age), `msg_id` dedupe, presence and cursors.
+//!
+//! Seq assignment, storage and live delivery of one channel happen under that
+//! channel's lock, so every subscriber sees a channel in seq order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use super::{
+    BoxFuture, Broker, ClientInfo, Cursors, EngineError, HistoryFrom, HistoryPage, LiveSink,
+    Position, Presence, Publication, PublishRequest, Published,
+};
+use crate::channel::Channel;
+use crate::config::NamespaceConfig;
+
+/// Current Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct ChannelLog {
+    entries: VecDeque<(Instant, Arc<Publication>)>,
+    /// Seq of the newest publication ever stored.
+    last_seq: u64,
+    /// Highest seq that was removed (by size or age); replay after an older position is incomplete.
+    trimmed_through: u64,
+}
+
+impl ChannelLog {
+    fn trim(&mut self, cfg: &NamespaceConfig, now: Instant) {
+        while let Some((at, p)) = self.entries.front() {
+            if self.entries.len() > cfg.history_size || now.duration_since(*at) > cfg.history_ttl {
+                self.trimmed_through = self.trimmed_through.max(p.seq);
+                self.entries.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Dedupe {
+    seen: HashMap<String, u64>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Dedupe {
+    fn expire(&mut self, window: Duration, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) <= window {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.seen.remove(&id);
+            }
+        }
+    }
+}
+
+struct Namespace {
+    cfg: NamespaceConfig,
+    next_seq: AtomicU64,
+    dedupe: Mutex<Dedupe>,
+    /// Highest `trimmed_through` of channel logs that were dropped entirely.
+    swept_through: AtomicU64,
+}
+
+/// Broker of the memory engine.
+pub struct MemoryBroker {
+    epoch: String,
+    namespaces: HashMap<String, Namespace>,
+    channels: Mutex<HashMap<Channel, Arc<Mutex<ChannelLog>>>>,
+    sink: Arc<dyn LiveSink>,
+}
+
+impl MemoryBroker {
+    /// A broker for these namespaces delivering live publications to `sink`.
+    pub fn new(
+        namespaces: &std::collections::BTreeMap<String, NamespaceConfig>,
+        sink: Arc<dyn LiveSink>,
+    ) -> Arc<Self> {
+        let namespaces = namespaces
+            .iter()
+            .map(|(name, cfg)| {
+                (
+                    name.clone(),
+                    Namespace {
+                        cfg: cfg.clone(),
+                        next_seq: AtomicU64::new(1),
+                        dedupe: Mutex::new(Dedupe::default()),
+                        swept_through: AtomicU64::new(0),
+                    },
+                )
+            })
+            .collect();
+        Arc::new(MemoryBroker {
+            // A new process is a new stream incarnation: positions from before are not ours.
+            epoch: format!("mem-{:x}-{:04x}", unix_ms(), fastrand::u16(..)),
+            namespaces,
+            channels: Mutex::new(HashMap::new()),
+            sink,
+        })
+    }
+
+    /// The epoch of this process's streams.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    fn namespace(&self, channel: &Channel) -> Result<&Namespace, EngineError> {
+        self.namespaces.get(channel.namespace()).ok_or_else(|| {
+            EngineError::Rejected(format!("unknown namespace {:?}", channel.namespace()))
+        })
+    }
+
+    fn log(&self, channel: &Channel) -> Arc<Mutex<ChannelLog>> {
+        Arc::clone(self.channels.lock().entry(channel.clone()).or_default())
+    }
+
+    /// Drops channel logs whose history has fully expired, so idle channels cost nothing.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut channels = self.channels.lock();
+        channels.retain(|channel, log| {
+            let Ok(ns) = self.namespace(channel) else {
+                return false;
+            };
+            let mut log = log.lock();
+            log.trim(&ns.cfg, now);
+            if log.entries.is_empty() {
+                // Remember how far history had been trimmed, so replay stays honest.
+                ns.swept_through
+                    .fetch_max(log.last_seq.max(log.trimmed_through), Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Starts the periodic sweep; it ends when the broker is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(broker) => broker.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    fn publish_now(&self, req: PublishRequest) -> Result<Published, EngineError> {
+        let ns = self.namespace(&req.channel)?;
+        let now = Instant::now();
+        // The dedupe lock is held across the store so two racing publishes of
+        // one msg_id cannot both be stored.
+        let mut dedupe = match &req.msg_id {
+            Some(id) => {
+                let mut d = ns.dedupe.lock();
+                d.expire(ns.cfg.dedupe_window, now);
+                if let Some(&seq) = d.seen.get(id) {
+                    return Ok(Published {
+                        seq,
+                        duplicate: true,
+                    });
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        let log = self.log(&req.channel);
+        let mut log = log.lock();
+        let seq = ns.next_seq.fetch_add(1, Ordering::Relaxed);
+        let publication = Arc::new(Publication::new(
+            req.channel,
+            seq,
+            unix_ms(),
+            req.data,
+            req.from,
+        ));
+        log.last_seq = seq;
+        log.entries.push_back((now, Arc::clone(&publication)));
+        log.trim(&ns.cfg, now);
+        if let (Some(d), Some(id)) = (dedupe.as_mut(), req.msg_id) {
+            d.seen.insert(id.clone(), seq);
+            d.order.push_back((now, id));
+        }
+        drop(dedupe);
+        self.sink.deliver(&publication);
+        Ok(Published {
+            seq,
+            duplicate: false,
+        })
+    }
+
+    fn history_now(
+        &self,
+        channel: &Channel,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> Result<HistoryPage, EngineError> {
+        let ns = self.namespace(channel)?;
+        let log = self.channels.lock().get(channel).cloned();
+        let swept = ns.swept_through.load(Ordering::Relaxed);
+        let position = |seq| Position {
+            seq,
+            epoch: self.epoch.clone(),
+        };
+        let Some(log) = log else {
+            let complete = match &from {
+                HistoryFrom::After(p) => p.epoch == self.epoch && p.seq >= swept,
+                HistoryFrom::Cursor(seq) => *seq >= swept,
+                HistoryFrom::Latest(_) => true,
+            };
+            return Ok(HistoryPage {
+                publications: Vec::new(),
+                position: position(swept),
+                complete,
+            });
+        };
+        let mut log = log.lock();
+        log.trim(&ns.cfg, Instant::now());
+        let trimmed = log.trimmed_through.max(swept);
+        let after = match &from {
+            HistoryFrom::After(p) if p.epoch == self.epoch => Some(p.seq),
+            HistoryFrom::After(_) => None,
+            HistoryFrom::Cursor(seq) => Some(*seq),
+            HistoryFrom::Latest(_) => Some(0),
+        };
+        let (publications, complete) = match from {
+            HistoryFrom::After(_) | HistoryFrom::Cursor(_) => {
+                let (after, epoch_ok) = match after {
+                    Some(seq) => (seq, true),
+                    None => (0, false),
+                };
+                let newer: Vec<_> = log
+                    .entries
+                    .iter()
+                    .filter(|(_, pb)| pb.seq > after)
+                    .map(|(_, pb)| Arc::clone(pb))
+                    .collect();
+                let covered = epoch_ok && after >= trimmed;
+                if newer.len() > limit {
+                    // Too much to replay: send the newest part and say so.
+                    (newer[newer.len() - limit..].to_vec(), false)
+                } else {
+                    (newer, covered)
+                }
+            }
+            HistoryFrom::Latest(n) => {
+                let n = n.min(limit);
+                let skip = log.entries.len().saturating_sub(n);
+                (
+                    log.entries
+                        .iter()
+                        .skip(skip)
+                        .map(|(_, p)| Arc::clone(p))
+                        .collect(),
+                    true,
+                )
+            }
+        };
+        Ok(HistoryPage {
+            publications,
+            position: position(log.last_seq.max(swept)),
+            complete,
+        })
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>> {
+        let result = self.publish_now(req);
+        Box::pin(async move { result })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a Channel,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<HistoryPage, EngineError>> {
+        let result = self.history_now(channel, from, limit);
+        Box::pin(async move { result })
+    }
+
+    fn interest(&self, _channel: &Channel, _interested: bool) {
+        // Every publication already passes through this process's hub.
+    }
+}
+
+/// Presence of the memory engine.
+#[derive(Default)]
+pub struct MemoryPresence {
+    channels: Mutex<HashMap<Channel, HashMap<String, ClientInfo>>>,
+}
+
+impl Presence for MemoryPresence {
+    fn join(&self, channel: &Channel, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>> {
+        self.channels
+            .lock()
+            .entry(channel.clone())
+            .or_default()
+            .insert(info.conn_id.clone(), info);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn leave<'a>(
+        &'a self,
+        channel: &'a Channel,
+        conn_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let mut channels = self.channels.lock();
+        if let Some(members) = channels.get_mut(channel) {
+            members.remove(conn_id);
+            if members.is_empty() {
+                channels.remove(channel);
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn list<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>> {
+        let mut list: Vec<ClientInfo> = self
+            .channels
+            .lock()
+            .get(channel)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| (a.since, &a.conn_id).cmp(&(b.since, &b.conn_id)));
+        Box::pin(async move { Ok(list) })
+    }
+}
+
+/// Cursors of the memory engine.
+#[derive(Default)]
+pub struct MemoryCursors {
+    cursors: Mutex<HashMap<(String, String, Channel), u64>>,
+}
+
+impl Cursors for MemoryCursors {
+    fn ack<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+        channel: &'a Channel,
+        seq: u64,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let mut cursors = self.cursors.lock();
+        let cur = cursors
+            .entry((user.to_string(), device.to_string(), channel.clone()))
+            .or_insert(0);
+        *cur = (*cur).max(seq);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn get<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, EngineError>> {
+        let seq = self
+            .cursors
+            .lock()
+            .get(&(user.to_string(), device.to_string(), channel.clone()))
+            .copied();
+        Box::pin(async move { Ok(seq) })
+    }
+}

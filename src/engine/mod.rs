@@ -1,0 +1,226 @@
+//! The engine boundary: what carries publications ([`Broker`]), who is where
+//! ([`Presence`]) and how far each device has read ([`Cursors`]).
+//!
+//! The memory engine implements all three for one node; cluster engines plug in
+//! behind the same traits, so sessions and the hub never know which one runs.
+
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channel::Channel;
+
+/// A boxed future, so the traits stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a client is in a channel's stream: a sequence within one stream incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// One message on a channel, with its `msg` frame encoded once for every recipient.
+#[derive(Debug)]
+pub struct Publication {
+    pub channel: Channel,
+    pub seq: u64,
+    /// Server time in Unix milliseconds.
+    pub ts: u64,
+    pub data: Box<RawValue>,
+    pub from: Option<Arc<str>>,
+    /// The complete `msg` text frame payload.
+    pub frame: Bytes,
+}
+
+#[derive(Serialize)]
+struct MsgFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a str,
+    seq: u64,
+    ts: u64,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+}
+
+impl Publication {
+    /// Builds a publication and encodes its frame.
+    pub fn new(
+        channel: Channel,
+        seq: u64,
+        ts: u64,
+        data: Box<RawValue>,
+        from: Option<Arc<str>>,
+    ) -> Self {
+        let frame = crate::protocol::encode(&MsgFrame {
+            kind: "msg",
+            channel: channel.as_str(),
+            seq,
+            ts,
+            data: &data,
+            from: from.as_deref(),
+        });
+        Publication {
+            channel,
+            seq,
+            ts,
+            data,
+            from,
+            frame,
+        }
+    }
+}
+
+/// A list of publications serialized as their `msg` objects (for `history`).
+pub struct PublicationList<'a>(pub &'a [Arc<Publication>]);
+
+impl Serialize for PublicationList<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for p in self.0 {
+            let raw: &RawValue = serde_json::from_slice(&p.frame).map_err(S::Error::custom)?;
+            seq.serialize_element(raw)?;
+        }
+        seq.end()
+    }
+}
+
+/// A request to publish.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub channel: Channel,
+    pub data: Box<RawValue>,
+    pub from: Option<Arc<str>>,
+    /// Idempotency key: a repeat within the dedupe window returns the original seq.
+    pub msg_id: Option<String>,
+}
+
+/// What a publish produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// True when `msg_id` matched an earlier publication and nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Which part of a channel's retained history to read.
+#[derive(Debug, Clone)]
+pub enum HistoryFrom {
+    /// Publications with `seq > position.seq`, oldest first.
+    After(Position),
+    /// Publications with `seq` above a stored cursor, in the current epoch.
+    Cursor(u64),
+    /// The newest `n` publications, oldest first.
+    Latest(usize),
+}
+
+/// A slice of a channel's history.
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub publications: Vec<Arc<Publication>>,
+    /// The stream's current top for this channel: the last seq stored and the epoch.
+    pub position: Position,
+    /// For [`HistoryFrom::After`]: whether every publication after the position is
+    /// either in `publications` or provably never existed (DESIGN §4.3).
+    pub complete: bool,
+}
+
+/// Why an engine operation failed.
+#[derive(Debug, Clone)]
+pub enum EngineError {
+    /// The backbone is unreachable or overloaded; the client may retry.
+    Unavailable(String),
+    /// The request cannot succeed (e.g. unknown namespace).
+    Rejected(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Unavailable(m) => write!(f, "unavailable: {m}"),
+            EngineError::Rejected(m) => write!(f, "rejected: {m}"),
+        }
+    }
+}
+
+/// Receives live publications from the broker, in seq order per channel.
+pub trait LiveSink: Send + Sync {
+    /// Called once per publication per node.
+    fn deliver(&self, publication: &Arc<Publication>);
+}
+
+/// Stores, orders and delivers publications.
+pub trait Broker: Send + Sync {
+    /// Stores a publication and delivers it live; returns its seq.
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>>;
+    /// Reads retained history, bounded by `limit`.
+    fn history<'a>(
+        &'a self,
+        channel: &'a Channel,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<HistoryPage, EngineError>>;
+    /// This node gained its first (`true`) or lost its last (`false`) local subscriber.
+    fn interest(&self, channel: &Channel, interested: bool);
+}
+
+/// One connection as presence records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub conn_id: String,
+    pub user: String,
+    pub device: String,
+    pub node: String,
+    /// Unix milliseconds when it joined the channel.
+    pub since: u64,
+}
+
+/// Who is subscribed to a channel.
+pub trait Presence: Send + Sync {
+    fn join(&self, channel: &Channel, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>>;
+    fn leave<'a>(
+        &'a self,
+        channel: &'a Channel,
+        conn_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+    fn list<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>>;
+}
+
+/// Per user+device read cursors (acked namespaces, DESIGN §4.5).
+pub trait Cursors: Send + Sync {
+    /// Moves the cursor forward to `seq`; never back.
+    fn ack<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+        channel: &'a Channel,
+        seq: u64,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// The highest acked seq, if any.
+    fn get<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<Option<u64>, EngineError>>;
+}
+
+/// The engine a node runs on.
+#[derive(Clone)]
+pub struct Engine {
+    pub broker: Arc<dyn Broker>,
+    pub presence: Arc<dyn Presence>,
+    pub cursors: Arc<dyn Cursors>,
+}

@@ -1,0 +1,216 @@
+//! The hub: this node's subscription index (channel → local subscriptions) and
+//! the fan-out of live publications to them.
+//!
+//! A [`Subscription`] joins the hub *buffering*: live publications are held while
+//! its history is read, then [`Subscription::go_live`] sends the replay and the
+//! buffered publications after it, under the subscription's own lock, so the seam
+//! between history and live has no gap and no duplicate (DESIGN §4.2).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use crate::channel::Channel;
+use crate::engine::{LiveSink, Publication};
+use crate::session::outbox::Outbox;
+
+enum Phase {
+    /// History is being read; live publications wait here (bounded).
+    Buffering(Vec<Arc<Publication>>),
+    Live,
+    /// Unsubscribed: publications are ignored.
+    Cancelled,
+}
+
+struct SubState {
+    phase: Phase,
+    /// Highest seq queued to the client on this channel.
+    last_seq: u64,
+    /// Conflated subscriptions: the newest publication not yet taken by the writer.
+    pending: Option<Bytes>,
+    /// Conflated subscriptions: whether a slot for this subscription is queued.
+    queued: bool,
+}
+
+/// One connection's subscription to one channel.
+pub struct Subscription {
+    pub channel: Channel,
+    pub outbox: Arc<Outbox>,
+    /// Hub-unique id, so unsubscribing removes exactly this subscription.
+    pub id: u64,
+    conflate: bool,
+    buffer_limit: usize,
+    state: Mutex<SubState>,
+}
+
+impl Subscription {
+    /// A buffering subscription; `buffer_limit` bounds what may arrive during replay.
+    pub fn new(
+        channel: Channel,
+        outbox: Arc<Outbox>,
+        conflate: bool,
+        buffer_limit: usize,
+    ) -> Arc<Self> {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Arc::new(Subscription {
+            channel,
+            outbox,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            conflate,
+            buffer_limit,
+            state: Mutex::new(SubState {
+                phase: Phase::Buffering(Vec::new()),
+                last_seq: 0,
+                pending: None,
+                queued: false,
+            }),
+        })
+    }
+
+    /// Offers one live publication.
+    fn offer(self: &Arc<Self>, publication: &Arc<Publication>) {
+        let mut st = self.state.lock();
+        match &mut st.phase {
+            Phase::Buffering(buf) => {
+                if buf.len() >= self.buffer_limit {
+                    drop(st);
+                    self.outbox.close(
+                        crate::protocol::close::SLOW_CONSUMER,
+                        "slow consumer: too many publications during replay",
+                        false,
+                    );
+                } else {
+                    buf.push(Arc::clone(publication));
+                }
+            }
+            Phase::Cancelled => {}
+            Phase::Live => {
+                if publication.seq > st.last_seq {
+                    st.last_seq = publication.seq;
+                    self.enqueue(&mut st, &publication.frame);
+                }
+            }
+        }
+    }
+
+    fn enqueue(self: &Arc<Self>, st: &mut SubState, frame: &Bytes) {
+        if self.conflate {
+            st.pending = Some(frame.clone());
+            if !st.queued {
+                st.queued = true;
+                self.outbox.push_conflated(Arc::clone(self));
+            }
+        } else {
+            self.outbox.push(frame.clone());
+        }
+    }
+
+    /// Sends `reply` (the `subscribed` frame), then the replay, then everything buffered
+    /// after it, and switches to live delivery. `after` is the seq the client already has.
+    pub fn go_live(self: &Arc<Self>, reply: Bytes, replay: &[Arc<Publication>], after: u64) {
+        let mut st = self.state.lock();
+        st.last_seq = after;
+        self.outbox.push_reply(reply);
+        for p in replay {
+            if p.seq > st.last_seq {
+                st.last_seq = p.seq;
+                self.outbox.push_reply(p.frame.clone());
+            }
+        }
+        let buffered = match std::mem::replace(&mut st.phase, Phase::Live) {
+            Phase::Buffering(buf) => buf,
+            Phase::Live => Vec::new(),
+            Phase::Cancelled => {
+                st.phase = Phase::Cancelled;
+                return;
+            }
+        };
+        for p in &buffered {
+            if p.seq > st.last_seq {
+                st.last_seq = p.seq;
+                self.enqueue(&mut st, &p.frame);
+            }
+        }
+    }
+
+    /// Stops delivery: nothing more is queued, and a queued conflated slot sends nothing.
+    pub fn cancel(&self) {
+        let mut st = self.state.lock();
+        st.phase = Phase::Cancelled;
+        st.pending = None;
+    }
+
+    /// For the writer: the newest pending publication of a conflated subscription.
+    pub fn take_pending(&self) -> Option<Bytes> {
+        let mut st = self.state.lock();
+        st.queued = false;
+        st.pending.take()
+    }
+}
+
+/// This node's local subscription index.
+#[derive(Default)]
+pub struct Hub {
+    channels: RwLock<HashMap<Channel, Vec<Arc<Subscription>>>>,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    /// Adds a subscription; returns true when it is the channel's first on this node.
+    pub fn add(&self, sub: Arc<Subscription>) -> bool {
+        let mut map = self.channels.write();
+        let list = map.entry(sub.channel.clone()).or_default();
+        list.push(sub);
+        list.len() == 1
+    }
+
+    /// Removes a subscription; returns true when the channel has no local subscribers left.
+    pub fn remove(&self, channel: &Channel, id: u64) -> bool {
+        let mut map = self.channels.write();
+        let Some(list) = map.get_mut(channel) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|s| s.id != id);
+        if list.is_empty() {
+            map.remove(channel);
+            return before > 0;
+        }
+        false
+    }
+
+    /// Sends a non-publication frame (join/leave) to the channel's live subscribers.
+    pub fn broadcast(&self, channel: &Channel, frame: &Bytes) {
+        if let Some(list) = self.channels.read().get(channel) {
+            for sub in list {
+                sub.outbox.push(frame.clone());
+            }
+        }
+    }
+
+    /// Local subscriptions to `channel`.
+    pub fn subscribers(&self, channel: &Channel) -> usize {
+        self.channels.read().get(channel).map_or(0, Vec::len)
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.channels.read().len()
+    }
+}
+
+impl LiveSink for Hub {
+    fn deliver(&self, publication: &Arc<Publication>) {
+        if let Some(list) = self.channels.read().get(&publication.channel) {
+            for sub in list {
+                sub.offer(publication);
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! switchyard: a WebSocket gateway that delivers channel publications in order,
+//! exactly once per connection, with replay after reconnect.
+//!
+//! The layout follows the domain: a [`node::Node`] holds the [`hub::Hub`] (local
+//! subscriptions) and an [`engine::Engine`] (broker, presence, cursors); each
+//! client connection is a [`session`] with a bounded outbox; [`server`] speaks
+//! HTTP and upgrades `/ws`; [`protocol`] is the wire format.
+
+pub mod auth;
+pub mod channel;
+pub mod config;
+pub mod engine;
+pub mod hub;
+pub mod node;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,137 @@
+//! The node: everything one gateway process shares between its connections
+//! (config, token verifier, engine, hub, connection counts, drain signal).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError, EngineKind, NamespaceConfig};
+use crate::engine::memory::{MemoryBroker, MemoryCursors, MemoryPresence};
+use crate::engine::Engine;
+use crate::hub::Hub;
+use crate::shutdown::Shutdown;
+
+/// Shared state of one gateway process.
+pub struct Node {
+    pub id: String,
+    pub config: Config,
+    pub verifier: Verifier,
+    pub engine: Engine,
+    pub hub: Arc<Hub>,
+    pub shutdown: Shutdown,
+    connections: AtomicUsize,
+    per_user: Mutex<HashMap<Arc<str>, usize>>,
+    /// Notified whenever a connection slot is released.
+    released: Notify,
+}
+
+/// Why a connection was refused before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    NodeFull,
+    UserFull,
+}
+
+/// Holds one connection slot; releases it on drop.
+pub struct ConnectionSlot {
+    node: Arc<Node>,
+    user: Arc<str>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.released.notify_waiters();
+        let mut per_user = self.node.per_user.lock();
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Builds a node (and its engine) from a validated config. Needs a tokio runtime.
+    pub fn new(config: Config) -> Result<Arc<Node>, ConfigError> {
+        let verifier = Verifier::from_config(&config.auth)?;
+        let hub = Hub::new();
+        let engine = match config.engine.kind {
+            EngineKind::Memory => {
+                let broker = MemoryBroker::new(&config.namespaces, hub.clone());
+                broker.spawn_sweeper(Duration::from_secs(10));
+                Engine {
+                    broker,
+                    presence: Arc::new(MemoryPresence::default()),
+                    cursors: Arc::new(MemoryCursors::default()),
+                }
+            }
+        };
+        let id = if config.server.node_id.is_empty() {
+            format!("node-{:06x}", fastrand::u32(..0x100_0000))
+        } else {
+            config.server.node_id.clone()
+        };
+        Ok(Arc::new(Node {
+            id,
+            config,
+            verifier,
+            engine,
+            hub,
+            shutdown: Shutdown::default(),
+            connections: AtomicUsize::new(0),
+            per_user: Mutex::new(HashMap::new()),
+            released: Notify::new(),
+        }))
+    }
+
+    /// Options of the channel's namespace.
+    pub fn namespace(&self, name: &str) -> Option<&NamespaceConfig> {
+        self.config.namespace(name)
+    }
+
+    /// Takes a connection slot for `user`, within the node and per-user limits.
+    pub fn admit(self: &Arc<Self>, user: &Arc<str>) -> Result<ConnectionSlot, Admission> {
+        let mut per_user = self.per_user.lock();
+        if self.connections.load(Ordering::Relaxed) >= self.config.server.max_connections {
+            return Err(Admission::NodeFull);
+        }
+        let n = per_user.entry(Arc::clone(user)).or_insert(0);
+        if *n >= self.config.server.max_connections_per_user {
+            return Err(Admission::UserFull);
+        }
+        *n += 1;
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectionSlot {
+            node: Arc::clone(self),
+            user: Arc::clone(user),
+        })
+    }
+
+    /// Open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Ready for traffic: not draining (the memory engine is always connected).
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_draining()
+    }
+
+    /// Resolves once no client connection is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let released = self.released.notified();
+            if self.connection_count() == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
+}

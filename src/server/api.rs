@@ -1,0 +1,258 @@
+//! The server HTTP API for backends (DESIGN §6): publish, broadcast, history.
+//! Every call needs `Authorization: apikey <key>`; with no key configured the
+//! API is closed.
+
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{error, json, Body};
+use crate::channel::Channel;
+use crate::config::NamespaceConfig;
+use crate::engine::{EngineError, HistoryFrom, Position, PublicationList, PublishRequest};
+use crate::node::Node;
+use crate::protocol::code;
+
+/// Largest accepted request body.
+const MAX_BODY: usize = 1 << 20;
+
+#[derive(Deserialize)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    msg_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PublishResult {
+    channel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct HistoryBody<'a> {
+    channel: &'a str,
+    publications: PublicationList<'a>,
+    position: Position,
+    complete: bool,
+}
+
+/// Compares without an early exit, so the key cannot be guessed byte by byte from timing.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+    let key = &node.config.api.key;
+    if key.is_empty() {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            403,
+            "the API is disabled: set api.key",
+        ));
+    }
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("apikey "))
+        .map(str::trim);
+    match given {
+        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => Ok(()),
+        _ => Err(error(
+            StatusCode::UNAUTHORIZED,
+            401,
+            "missing or wrong API key",
+        )),
+    }
+}
+
+async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::TOO_LARGE,
+                "body too large or unreadable",
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            code::MALFORMED,
+            &format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+fn resolve<'a>(
+    node: &'a Node,
+    name: &str,
+) -> Result<(Channel, &'a NamespaceConfig), (StatusCode, u16, String)> {
+    let channel = Channel::parse(name).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            code::BAD_CHANNEL,
+            format!("invalid channel: {e}"),
+        )
+    })?;
+    let ns = node.namespace(channel.namespace()).ok_or_else(|| {
+        (
+            StatusCode::BAD_REQUEST,
+            code::UNKNOWN_NAMESPACE,
+            format!("unknown namespace {:?}", channel.namespace()),
+        )
+    })?;
+    Ok((channel, ns))
+}
+
+async fn publish_one(
+    node: &Node,
+    name: &str,
+    data: Box<RawValue>,
+    msg_id: Option<String>,
+) -> Result<crate::engine::Published, (StatusCode, u16, String)> {
+    let (channel, ns) = resolve(node, name)?;
+    if data.get().len() > ns.max_data_bytes {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::TOO_LARGE,
+            format!("data is larger than {} bytes", ns.max_data_bytes),
+        ));
+    }
+    node.engine
+        .broker
+        .publish(PublishRequest {
+            channel,
+            data,
+            from: None,
+            msg_id,
+        })
+        .await
+        .map_err(engine_error)
+}
+
+fn engine_error(e: EngineError) -> (StatusCode, u16, String) {
+    match e {
+        EngineError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, m),
+        EngineError::Rejected(m) => (StatusCode::BAD_REQUEST, code::BAD_FIELD, m),
+    }
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Routes `/api/...`.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(resp) = authorized(&node, &req) {
+        return resp;
+    }
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/api/v1/publish") => {
+            let b: PublishBody = match body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            match publish_one(&node, &b.channel, b.data, b.msg_id).await {
+                Ok(p) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"channel": b.channel, "seq": p.seq, "duplicate": p.duplicate}),
+                ),
+                Err((status, c, m)) => error(status, c, &m),
+            }
+        }
+        (Method::POST, "/api/v1/broadcast") => {
+            let b: BroadcastBody = match body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let mut results = Vec::with_capacity(b.channels.len());
+            for name in &b.channels {
+                // One msg_id per channel: dedupe must not fold two channels into one.
+                let msg_id = b.msg_id.as_ref().map(|m| format!("{m}/{name}"));
+                let r = match publish_one(&node, name, b.data.clone(), msg_id).await {
+                    Ok(p) => PublishResult {
+                        channel: name.clone(),
+                        seq: Some(p.seq),
+                        duplicate: Some(p.duplicate),
+                        error: None,
+                        code: None,
+                    },
+                    Err((_, c, m)) => PublishResult {
+                        channel: name.clone(),
+                        seq: None,
+                        duplicate: None,
+                        error: Some(m),
+                        code: Some(c),
+                    },
+                };
+                results.push(r);
+            }
+            json(StatusCode::OK, &serde_json::json!({ "results": results }))
+        }
+        (Method::GET, p) if p.starts_with("/api/v1/history/") => {
+            let name = &p["/api/v1/history/".len()..];
+            let (channel, ns) = match resolve(&node, name) {
+                Ok(r) => r,
+                Err((status, c, m)) => return error(status, c, &m),
+            };
+            let limit = query_param(&req, "limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(ns.max_replay)
+                .clamp(1, ns.max_replay);
+            let since = query_param(&req, "since").and_then(|s| s.parse::<u64>().ok());
+            let from = match (since, query_param(&req, "epoch")) {
+                (Some(seq), Some(epoch)) => HistoryFrom::After(Position { seq, epoch }),
+                (Some(_), None) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        code::BAD_FIELD,
+                        "`since` needs `epoch`",
+                    )
+                }
+                (None, _) => HistoryFrom::Latest(limit),
+            };
+            match node.engine.broker.history(&channel, from, limit).await {
+                Ok(page) => json(
+                    StatusCode::OK,
+                    &HistoryBody {
+                        channel: channel.as_str(),
+                        publications: PublicationList(&page.publications),
+                        position: page.position,
+                        complete: page.complete,
+                    },
+                ),
+                Err(e) => {
+                    let (status, c, m) = engine_error(e);
+                    error(status, c, &m)
+                }
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, 404, "no such API endpoint"),
+    }
+}

@@ -1,0 +1,146 @@
+//! The HTTP side of a node: the listener and accept loop, routing, the ops
+//! endpoints (`/healthz`, `/readyz`), and the drain on shutdown.
+
+pub mod api;
+pub mod ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError};
+use crate::node::Node;
+
+/// Every response body is a full buffer.
+pub type Body = Full<Bytes>;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    code: u16,
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A JSON error response `{"error": ..., "code": ...}`.
+pub fn error(status: StatusCode, code: u16, message: &str) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: message,
+            code,
+        },
+    )
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let resp = match (req.method(), path) {
+        (&Method::GET, "/ws") => ws::upgrade(node, req),
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => {
+            if node.is_ready() {
+                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({"status": "draining"}),
+                )
+            }
+        }
+        (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
+        _ => error(StatusCode::NOT_FOUND, 404, "not found"),
+    };
+    Ok(resp)
+}
+
+/// A node serving on a bound listener.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `config.server.listen`, builds the node and serves in a background task.
+pub async fn start(config: Config) -> Result<RunningServer, ConfigError> {
+    let listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
+        ConfigError(format!(
+            "`server.listen`: cannot bind {}: {e}",
+            config.server.listen
+        ))
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ConfigError(format!("`server.listen`: {e}")))?;
+    let node = Node::new(config)?;
+    let task = tokio::spawn(run(Arc::clone(&node), listener));
+    Ok(RunningServer { addr, node, task })
+}
+
+/// Accepts connections until the node has drained (or the drain timeout passed).
+pub async fn run(node: Arc<Node>, listener: TcpListener) {
+    let drained = {
+        let node = Arc::clone(&node);
+        async move {
+            node.shutdown.wait().await;
+            tracing::info!(connections = node.connection_count(), "draining");
+            let timeout = node.config.server.drain_timeout;
+            if tokio::time::timeout(timeout, node.all_closed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    connections = node.connection_count(),
+                    "drain timeout reached with connections still open"
+                );
+            }
+        }
+    };
+    tokio::pin!(drained);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut drained => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| route(Arc::clone(&node), req));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            }
+        });
+    }
+    tracing::info!("stopped");
+}

@@ -1,0 +1,149 @@
+//! The `/ws` endpoint: finds the token (header, query, or subprotocol),
+//! verifies it and admits the connection *before* upgrading, then hands the
+//! upgraded socket to a session.
+
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::{error, Body};
+use crate::auth::AuthError;
+use crate::node::{Admission, Node};
+
+/// The subprotocol a browser offers beside `bearer.<jwt>`; selected when offered.
+pub const SUBPROTOCOL: &str = "switchyard.v1";
+const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+
+struct Credentials {
+    token: Option<String>,
+    device: Option<String>,
+    /// The subprotocol to echo, when the client offered any.
+    protocol: Option<String>,
+}
+
+fn credentials<B>(req: &Request<B>) -> Credentials {
+    let mut token = None;
+    let mut device = None;
+    if let Some(query) = req.uri().query() {
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "token" => token = Some(v.into_owned()),
+                "device" if !v.is_empty() && v.len() <= 128 => device = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+    }
+    if let Some(value) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+        {
+            token = Some(t.trim().to_string());
+        }
+    }
+    let mut protocol = None;
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for p in &offered {
+        if let Some(t) = p.strip_prefix(BEARER_PROTOCOL_PREFIX) {
+            token = Some(t.to_string());
+            protocol.get_or_insert_with(|| p.to_string());
+        }
+    }
+    // Browsers fail the handshake unless one offered protocol is echoed:
+    // prefer the plain one so the token is not reflected back.
+    if offered.contains(&SUBPROTOCOL) {
+        protocol = Some(SUBPROTOCOL.to_string());
+    }
+    Credentials {
+        token,
+        device,
+        protocol,
+    }
+}
+
+fn unauthorized(e: &AuthError) -> Response<Body> {
+    error(StatusCode::UNAUTHORIZED, e.code, e.reason)
+}
+
+/// Answers `GET /ws`: refuses with a JSON error or returns `101` and starts the session.
+pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+    if node.shutdown.is_draining() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            503,
+            "node is draining; reconnect to another node",
+        );
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            400,
+            "expected a WebSocket upgrade request",
+        );
+    }
+    let creds = credentials(&req);
+    let identity = match creds.token.as_deref() {
+        None => return unauthorized(&AuthError::MISSING),
+        Some(token) => match node.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return unauthorized(&e),
+        },
+    };
+    let slot = match node.admit(&identity.user) {
+        Ok(slot) => slot,
+        Err(Admission::NodeFull) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                503,
+                "node is at its connection limit",
+            )
+        }
+        Err(Admission::UserFull) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                429,
+                "too many connections for this user",
+            )
+        }
+    };
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                400,
+                &format!("bad upgrade request: {e}"),
+            )
+        }
+    };
+    let (mut parts, _) = response.into_parts();
+    if let Some(p) = creds.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        parts.headers.insert(SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    let device = creds.device;
+    tokio::spawn(async move {
+        match fut.await {
+            Ok(ws) => {
+                let io: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
+                crate::session::serve(node, io, identity, device, slot).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Response::from_parts(parts, Full::default())
+}

@@ -1,0 +1,648 @@
+//! One client connection: the reader that parses and executes client frames,
+//! the writer task that drains the outbox, and the cleanup when either ends.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so reading cannot share a
+//! `select!` with writing: each connection runs a reader and a writer task.
+
+pub mod outbox;
+pub mod rate_limit;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fastwebsockets::{OpCode, Role, WebSocketError};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::auth::{Identity, Permission};
+use crate::channel::Channel;
+use crate::config::NamespaceConfig;
+use crate::engine::memory::unix_ms;
+use crate::engine::{
+    ClientInfo, EngineError, HistoryFrom, Position, PublicationList, PublishRequest,
+};
+use crate::hub::Subscription;
+use crate::node::{ConnectionSlot, Node};
+use crate::protocol::{self, close, code, Command};
+use outbox::Outbox;
+use rate_limit::RateLimiter;
+use writer::{Link, WriterConfig};
+
+/// An error answered to one request.
+struct Failure {
+    code: u16,
+    reason: String,
+}
+
+impl Failure {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Failure {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Unavailable(m) => Failure::new(
+                code::UNAVAILABLE,
+                format!("temporarily unavailable, retry: {m}"),
+            ),
+            EngineError::Rejected(m) => Failure::new(code::BAD_FIELD, m),
+        }
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+/// The state of one connection, owned by its reader.
+pub struct Session {
+    node: Arc<Node>,
+    link: Arc<Link>,
+    conn_id: String,
+    device: String,
+    identity: Identity,
+    subs: HashMap<Channel, Arc<Subscription>>,
+    limiter: RateLimiter,
+    violations: u32,
+}
+
+#[derive(Serialize)]
+struct Refreshed {
+    expires_at: u64,
+}
+
+#[derive(Serialize)]
+struct HistoryReply<'a> {
+    channel: &'a str,
+    publications: PublicationList<'a>,
+    position: Position,
+}
+
+#[derive(Serialize)]
+struct PresenceReply<'a> {
+    channel: &'a str,
+    clients: Vec<ClientInfo>,
+}
+
+#[derive(Serialize)]
+struct JoinLeave<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a str,
+    user: &'a str,
+    device: &'a str,
+}
+
+/// Serves an upgraded connection until it closes.
+pub async fn serve(
+    node: Arc<Node>,
+    io: TokioIo<Upgraded>,
+    identity: Identity,
+    device: Option<String>,
+    slot: ConnectionSlot,
+) {
+    let cfg = &node.config.session;
+    let outbox = Arc::new(Outbox::new(cfg.outbox_messages, cfg.outbox_bytes));
+    let link = Arc::new(Link::new(Arc::clone(&outbox), identity.expires_at));
+    let conn_id = format!("{}-{:012x}", node.id, fastrand::u64(..1 << 48));
+    let device = device.unwrap_or_else(|| conn_id.clone());
+
+    outbox.push_reply(protocol::reply(
+        "welcome",
+        None,
+        protocol::Welcome {
+            conn_id: &conn_id,
+            node: &node.id,
+            user: &identity.user,
+            expires_at: identity.expires_at,
+            ping_interval_ms: cfg.ping_interval.as_millis() as u64,
+        },
+    ));
+
+    let (read_io, write_io) = tokio::io::split(io);
+    // Only the read half of fastwebsockets is used: the writer batches frames itself.
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
+    reader.set_max_message_size(cfg.max_frame_bytes);
+    reader.set_auto_pong(true);
+    reader.set_auto_close(true);
+
+    let writer = tokio::spawn(writer::run(
+        write_io,
+        Arc::clone(&link),
+        WriterConfig {
+            ping_interval: cfg.ping_interval,
+            idle_timeout: cfg.idle_timeout,
+            expiring_notice: node.config.auth.expiring_notice,
+            write_timeout: cfg.write_timeout,
+            reconnect_jitter: node.config.server.reconnect_jitter,
+        },
+        node.shutdown.clone(),
+    ));
+
+    let mut session = Session {
+        limiter: RateLimiter::new(cfg),
+        node,
+        link,
+        conn_id,
+        device,
+        identity,
+        subs: HashMap::new(),
+        violations: 0,
+    };
+    tracing::debug!(conn = %session.conn_id, user = %session.identity.user, "connected");
+
+    let control = Arc::clone(&outbox);
+    let mut send_fn = move |frame: fastwebsockets::Frame<'_>| {
+        match frame.opcode {
+            OpCode::Pong => {
+                control.push_control(writer::pong(&frame.payload));
+            }
+            OpCode::Close => control.close(close::NORMAL, "", false),
+            _ => {}
+        }
+        std::future::ready(Ok::<(), std::io::Error>(()))
+    };
+
+    loop {
+        let frame = tokio::select! {
+            frame = reader.read_frame(&mut send_fn) => frame,
+            _ = outbox.closing() => break,
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(WebSocketError::FrameTooLarge) => {
+                outbox.close(close::FRAME_TOO_LARGE, "frame too large", false);
+                break;
+            }
+            Err(
+                WebSocketError::UnexpectedEOF
+                | WebSocketError::ConnectionClosed
+                | WebSocketError::IoError(_),
+            ) => {
+                outbox.close(close::NORMAL, "", false);
+                break;
+            }
+            Err(e) => {
+                outbox.close(
+                    close::PROTOCOL_VIOLATION,
+                    &format!("protocol violation: {e}"),
+                    false,
+                );
+                break;
+            }
+        };
+        session.link.touch();
+        match frame.opcode {
+            OpCode::Text if frame.fin => match std::str::from_utf8(&frame.payload) {
+                Ok(text) => session.on_text(text).await,
+                Err(_) => {
+                    outbox.close(close::PROTOCOL_VIOLATION, "invalid UTF-8", false);
+                    break;
+                }
+            },
+            OpCode::Binary if frame.fin => {
+                session.reply_error(
+                    None,
+                    code::BINARY_FRAME,
+                    "binary frames are not supported; send JSON text frames",
+                );
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                outbox.close(
+                    close::PROTOCOL_VIOLATION,
+                    "fragmented messages are not supported",
+                    false,
+                );
+                break;
+            }
+            OpCode::Close => break,
+            OpCode::Ping | OpCode::Pong => {}
+        }
+    }
+
+    session.cleanup().await;
+    // The writer sends the close frame and ends on its own, bounded by its write timeout.
+    let _ = writer.await;
+    drop(slot);
+}
+
+impl Session {
+    fn reply_error(&self, id: Option<&RawValue>, code: u16, reason: &str) {
+        self.link
+            .outbox
+            .push_reply(protocol::error_frame(id, code, reason));
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        if !self.limiter.allow(text.len()) {
+            self.violations += 1;
+            if self.violations > self.node.config.session.rate_violations_before_close {
+                self.link
+                    .outbox
+                    .close(close::RATE_LIMIT, "rate limit exceeded repeatedly", false);
+            } else {
+                self.reply_error(
+                    None,
+                    code::RATE_LIMITED,
+                    "rate limit exceeded; frame dropped",
+                );
+            }
+            return;
+        }
+        self.violations = self.violations.saturating_sub(1);
+        let (id, command) = match protocol::parse(text) {
+            Ok(parsed) => parsed,
+            Err(rej) => {
+                self.reply_error(rej.id.as_deref(), rej.code, &rej.reason);
+                return;
+            }
+        };
+        let id = id.as_deref();
+        let result = match command {
+            Command::Subscribe {
+                channel,
+                since,
+                snapshot,
+            } => self.subscribe(id, &channel, since, snapshot).await,
+            Command::Unsubscribe { channel } => self.unsubscribe(id, &channel).await,
+            Command::Publish {
+                channel,
+                data,
+                msg_id,
+            } => self.publish(id, &channel, data, msg_id).await,
+            Command::Ack { channel, seq } => self.ack(&channel, seq).await,
+            Command::History {
+                channel,
+                since,
+                limit,
+            } => self.history(id, &channel, since, limit).await,
+            Command::Presence { channel } => self.presence(id, &channel).await,
+            Command::Refresh { token } => self.refresh(id, &token),
+            Command::Ping => {
+                self.link
+                    .outbox
+                    .push_reply(protocol::reply("pong", id, protocol::Empty {}));
+                Ok(())
+            }
+        };
+        if let Err(f) = result {
+            self.reply_error(id, f.code, &f.reason);
+        }
+    }
+
+    /// Resolves a channel name to the channel and its namespace options.
+    fn resolve(&self, name: &str) -> Result<(Channel, NamespaceConfig), Failure> {
+        let channel = Channel::parse(name)
+            .map_err(|e| Failure::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
+        let ns = self
+            .node
+            .namespace(channel.namespace())
+            .ok_or_else(|| {
+                Failure::new(
+                    code::UNKNOWN_NAMESPACE,
+                    format!("unknown namespace {:?}", channel.namespace()),
+                )
+            })?
+            .clone();
+        Ok((channel, ns))
+    }
+
+    fn require(&self, ns: &NamespaceConfig, perm: Permission, channel: &Channel) -> Outcome {
+        if ns.allow.contains(&perm) || self.identity.granted(perm, channel) {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                code::PERMISSION_DENIED,
+                format!("permission denied: {} on {channel}", perm_name(perm)),
+            ))
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<&RawValue>,
+        name: &str,
+        since: Option<Position>,
+        snapshot: Option<usize>,
+    ) -> Outcome {
+        let (channel, ns) = self.resolve(name)?;
+        self.require(&ns, Permission::Sub, &channel)?;
+        if self.subs.contains_key(&channel) {
+            return Err(Failure::new(
+                code::ALREADY_SUBSCRIBED,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        if self.subs.len() >= self.node.config.session.max_subscriptions {
+            return Err(Failure::new(
+                code::TOO_MANY_SUBSCRIPTIONS,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.node.config.session.max_subscriptions
+                ),
+            ));
+        }
+        let engine = &self.node.engine;
+        // What the client already has: an explicit position, else its stored cursor.
+        let resume = match since {
+            Some(p) => Some(Resume::Position(p)),
+            None if ns.acked => engine
+                .cursors
+                .get(&self.identity.user, &self.device, &channel)
+                .await?
+                .map(Resume::Cursor),
+            None => None,
+        };
+        let snapshot = snapshot.unwrap_or(ns.default_snapshot).min(ns.history_size);
+        let from = match &resume {
+            Some(Resume::Position(p)) => HistoryFrom::After(p.clone()),
+            Some(Resume::Cursor(seq)) => HistoryFrom::Cursor(*seq),
+            None => HistoryFrom::Latest(snapshot),
+        };
+
+        let buffer_limit = self.node.config.session.outbox_messages;
+        let sub = Subscription::new(
+            channel.clone(),
+            Arc::clone(&self.link.outbox),
+            ns.conflate,
+            buffer_limit,
+        );
+        if self.node.hub.add(Arc::clone(&sub)) {
+            engine.broker.interest(&channel, true);
+        }
+        let page = match engine.broker.history(&channel, from, ns.max_replay).await {
+            Ok(page) => page,
+            Err(e) => {
+                self.drop_from_hub(&sub);
+                return Err(e.into());
+            }
+        };
+        let after = match &resume {
+            Some(Resume::Position(p)) if p.epoch == page.position.epoch => p.seq,
+            Some(Resume::Position(_)) => 0,
+            Some(Resume::Cursor(seq)) => *seq,
+            None if snapshot > 0 => 0,
+            None => page.position.seq,
+        };
+        let recovered = resume.is_none() || page.complete;
+        let replayed = page.publications.iter().filter(|p| p.seq > after).count();
+        let reply = protocol::reply(
+            "subscribed",
+            id,
+            protocol::Subscribed {
+                channel: channel.as_str(),
+                position: page.position.clone(),
+                recovered,
+                replayed,
+            },
+        );
+        sub.go_live(reply, &page.publications, after);
+        self.subs.insert(channel.clone(), sub);
+        if ns.presence {
+            self.join_presence(&channel, &ns).await;
+        }
+        Ok(())
+    }
+
+    fn drop_from_hub(&self, sub: &Arc<Subscription>) {
+        sub.cancel();
+        if self.node.hub.remove(&sub.channel, sub.id) {
+            self.node.engine.broker.interest(&sub.channel, false);
+        }
+    }
+
+    async fn join_presence(&self, channel: &Channel, ns: &NamespaceConfig) {
+        let info = ClientInfo {
+            conn_id: self.conn_id.clone(),
+            user: self.identity.user.to_string(),
+            device: self.device.clone(),
+            node: self.node.id.clone(),
+            since: unix_ms(),
+        };
+        if let Err(e) = self.node.engine.presence.join(channel, info).await {
+            tracing::warn!(error = %e, %channel, "presence join failed");
+        }
+        if ns.join_leave {
+            self.broadcast_join_leave("join", channel);
+        }
+    }
+
+    fn broadcast_join_leave(&self, kind: &'static str, channel: &Channel) {
+        let frame = protocol::encode(&JoinLeave {
+            kind,
+            channel: channel.as_str(),
+            user: &self.identity.user,
+            device: &self.device,
+        });
+        self.node.hub.broadcast(channel, &frame);
+    }
+
+    async fn leave(&self, sub: &Arc<Subscription>) {
+        self.drop_from_hub(sub);
+        if let Some(ns) = self.node.namespace(sub.channel.namespace()) {
+            if ns.presence {
+                if let Err(e) = self
+                    .node
+                    .engine
+                    .presence
+                    .leave(&sub.channel, &self.conn_id)
+                    .await
+                {
+                    tracing::warn!(error = %e, channel = %sub.channel, "presence leave failed");
+                }
+                if ns.join_leave {
+                    self.broadcast_join_leave("leave", &sub.channel);
+                }
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, id: Option<&RawValue>, name: &str) -> Outcome {
+        let channel = Channel::parse(name)
+            .map_err(|e| Failure::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
+        let Some(sub) = self.subs.remove(&channel) else {
+            return Err(Failure::new(
+                code::NOT_SUBSCRIBED,
+                format!("not subscribed to {channel}"),
+            ));
+        };
+        self.leave(&sub).await;
+        self.link.outbox.push_reply(protocol::reply(
+            "unsubscribed",
+            id,
+            protocol::ChannelOnly {
+                channel: channel.as_str(),
+            },
+        ));
+        Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        id: Option<&RawValue>,
+        name: &str,
+        data: Box<RawValue>,
+        msg_id: Option<String>,
+    ) -> Outcome {
+        let (channel, ns) = self.resolve(name)?;
+        self.require(&ns, Permission::Pub, &channel)?;
+        if !ns.client_publish {
+            return Err(Failure::new(
+                code::PUBLISH_DISABLED,
+                format!(
+                    "clients cannot publish in namespace {:?}",
+                    channel.namespace()
+                ),
+            ));
+        }
+        if data.get().len() > ns.max_data_bytes {
+            return Err(Failure::new(
+                code::TOO_LARGE,
+                format!("data is larger than {} bytes", ns.max_data_bytes),
+            ));
+        }
+        let published = self
+            .node
+            .engine
+            .broker
+            .publish(PublishRequest {
+                channel: channel.clone(),
+                data,
+                from: Some(Arc::clone(&self.identity.user)),
+                msg_id,
+            })
+            .await?;
+        self.link.outbox.push_reply(protocol::reply(
+            "published",
+            id,
+            protocol::Published {
+                channel: channel.as_str(),
+                seq: published.seq,
+                duplicate: published.duplicate,
+            },
+        ));
+        Ok(())
+    }
+
+    async fn ack(&mut self, name: &str, seq: u64) -> Outcome {
+        let (channel, ns) = self.resolve(name)?;
+        if !ns.acked {
+            return Err(Failure::new(
+                code::NOT_ENABLED,
+                format!("namespace {:?} has no acked cursors", channel.namespace()),
+            ));
+        }
+        self.require(&ns, Permission::Sub, &channel)?;
+        self.node
+            .engine
+            .cursors
+            .ack(&self.identity.user, &self.device, &channel, seq)
+            .await?;
+        Ok(())
+    }
+
+    async fn history(
+        &mut self,
+        id: Option<&RawValue>,
+        name: &str,
+        since: Option<Position>,
+        limit: Option<usize>,
+    ) -> Outcome {
+        let (channel, ns) = self.resolve(name)?;
+        self.require(&ns, Permission::History, &channel)?;
+        let limit = limit.unwrap_or(ns.max_replay).clamp(1, ns.max_replay);
+        let from = match since {
+            Some(p) => HistoryFrom::After(p),
+            None => HistoryFrom::Latest(limit),
+        };
+        let page = self
+            .node
+            .engine
+            .broker
+            .history(&channel, from, limit)
+            .await?;
+        self.link.outbox.push_reply(protocol::reply(
+            "history",
+            id,
+            HistoryReply {
+                channel: channel.as_str(),
+                publications: PublicationList(&page.publications),
+                position: page.position,
+            },
+        ));
+        Ok(())
+    }
+
+    async fn presence(&mut self, id: Option<&RawValue>, name: &str) -> Outcome {
+        let (channel, ns) = self.resolve(name)?;
+        if !ns.presence {
+            return Err(Failure::new(
+                code::NOT_ENABLED,
+                format!("namespace {:?} has no presence", channel.namespace()),
+            ));
+        }
+        self.require(&ns, Permission::Presence, &channel)?;
+        let clients = self.node.engine.presence.list(&channel).await?;
+        self.link.outbox.push_reply(protocol::reply(
+            "presence",
+            id,
+            PresenceReply {
+                channel: channel.as_str(),
+                clients,
+            },
+        ));
+        Ok(())
+    }
+
+    fn refresh(&mut self, id: Option<&RawValue>, token: &str) -> Outcome {
+        let identity =
+            self.node.verifier.verify(token).map_err(|e| {
+                Failure::new(code::BAD_TOKEN, format!("refresh refused: {}", e.reason))
+            })?;
+        if identity.user != self.identity.user {
+            return Err(Failure::new(
+                code::BAD_TOKEN,
+                "refresh refused: token is for another user",
+            ));
+        }
+        self.link
+            .expires_at
+            .store(identity.expires_at, Ordering::Relaxed);
+        self.link.expiring_sent.store(false, Ordering::Relaxed);
+        let expires_at = identity.expires_at;
+        self.identity = identity;
+        self.link
+            .outbox
+            .push_reply(protocol::reply("refreshed", id, Refreshed { expires_at }));
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            self.leave(&sub).await;
+        }
+        tracing::debug!(conn = %self.conn_id, "disconnected");
+    }
+}
+
+enum Resume {
+    Position(Position),
+    Cursor(u64),
+}
+
+fn perm_name(p: Permission) -> &'static str {
+    match p {
+        Permission::Sub => "sub",
+        Permission::Pub => "pub",
+        Permission::History => "history",
+        Permission::Presence => "presence",
+    }
+}

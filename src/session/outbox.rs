@@ -1,0 +1,189 @@
+//! The outbox: one connection's bounded queue of frames waiting for its writer.
+//!
+//! Producers (the hub's fan-out, the connection's own replies) never wait: a push
+//! either fits within the bounds or marks the connection for closing with 4008
+//! (DESIGN §4.6). Conflated subscriptions occupy at most one slot each: the slot
+//! points at the subscription, and the writer takes whatever is newest there.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::hub::Subscription;
+use crate::protocol::close;
+
+/// Something the writer sends.
+pub enum Item {
+    /// A text frame (shared bytes: fan-out clones a refcount, not the payload).
+    Text(Bytes),
+    /// The newest pending publication of a conflated subscription.
+    Conflated(Arc<Subscription>),
+    /// A WebSocket ping.
+    Ping,
+    /// A WebSocket pong answering the client's ping.
+    Pong(Bytes),
+}
+
+/// Why and how the connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closing {
+    pub code: u16,
+    pub reason: String,
+    /// Send what is queued before the close frame (drain), or drop it (slow consumer).
+    pub flush: bool,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    bytes: usize,
+    closing: Option<Closing>,
+}
+
+/// A bounded queue of outbound frames plus the connection's close decision.
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    closed: Notify,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+/// What the writer gets from [`Outbox::take`].
+pub enum Batch {
+    /// Frames to send now (possibly none: then wait).
+    Frames,
+    /// Send these frames (if any), then this close frame, then stop.
+    Close(Closing),
+}
+
+impl Outbox {
+    /// An empty outbox with these bounds.
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closing: None,
+            }),
+            wake: Notify::new(),
+            closed: Notify::new(),
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    /// Queues a text frame; on overflow the connection is closed with 4008 and `false` returned.
+    pub fn push(&self, frame: Bytes) -> bool {
+        self.push_item(frame.len(), Item::Text(frame), true)
+    }
+
+    /// Queues a reply or replayed frame. These are bounded by what the client asked
+    /// for (rate limit, `max_replay`), so they never trip the slow-consumer bound;
+    /// they do count towards it for later live pushes.
+    pub fn push_reply(&self, frame: Bytes) -> bool {
+        self.push_item(frame.len(), Item::Text(frame), false)
+    }
+
+    /// Queues a conflated subscription's slot (at most once per subscription at a time).
+    pub fn push_conflated(&self, sub: Arc<Subscription>) -> bool {
+        self.push_item(0, Item::Conflated(sub), true)
+    }
+
+    /// Queues a ping or pong.
+    pub fn push_control(&self, item: Item) -> bool {
+        self.push_item(0, item, false)
+    }
+
+    fn push_item(&self, len: usize, item: Item, bounded: bool) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some() {
+            return false;
+        }
+        if bounded && (st.queue.len() >= self.max_messages || st.bytes + len > self.max_bytes) {
+            drop(st);
+            self.close(close::SLOW_CONSUMER, "slow consumer: outbox full", false);
+            return false;
+        }
+        st.bytes += len;
+        st.queue.push_back(item);
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Decides to close the connection; the first decision wins.
+    pub fn close(&self, code: u16, reason: &str, flush: bool) {
+        let mut st = self.state.lock();
+        if st.closing.is_some() {
+            return;
+        }
+        st.closing = Some(Closing {
+            code,
+            reason: reason.to_string(),
+            flush,
+        });
+        if !flush {
+            st.queue.clear();
+            st.bytes = 0;
+        }
+        drop(st);
+        self.wake.notify_one();
+        self.closed.notify_waiters();
+    }
+
+    /// Whether a close has been decided.
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().closing.is_some()
+    }
+
+    /// Resolves once a close has been decided.
+    pub async fn closing(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when there may be something to take.
+    pub async fn ready(&self) {
+        self.wake.notified().await
+    }
+
+    /// Moves up to `max` queued items into `out`; reports a pending close once the
+    /// queue is empty (or immediately when the close does not flush).
+    pub fn take(&self, out: &mut Vec<Item>, max: usize) -> Batch {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let n = st.queue.len().min(max);
+        for item in st.queue.drain(..n) {
+            if let Item::Text(b) = &item {
+                st.bytes -= b.len();
+            }
+            out.push(item);
+        }
+        if st.queue.is_empty() && st.queue.capacity() > 64 {
+            // A burst grew the queue; give the memory back once it has drained.
+            st.queue = VecDeque::new();
+        }
+        match &st.closing {
+            Some(c) if st.queue.is_empty() => Batch::Close(c.clone()),
+            _ => Batch::Frames,
+        }
+    }
+
+    /// Frames currently queued.
+    pub fn len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,209 @@
+//! The writer: the one task that writes to a connection's socket. It drains the
+//! outbox in batches (many frames per syscall), and owns the connection's timers:
+//! WebSocket pings, the idle timeout, token expiry, and the drain on shutdown.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload};
+use serde::Serialize;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::outbox::{Batch, Closing, Item, Outbox};
+use crate::protocol::{self, close};
+use crate::shutdown::Shutdown;
+
+/// Most items taken from the outbox per write.
+const BATCH_ITEMS: usize = 256;
+
+/// What the reader and the writer of one connection share.
+pub struct Link {
+    pub outbox: Arc<Outbox>,
+    /// Token expiry, Unix seconds; moved by `refresh`.
+    pub expires_at: AtomicU64,
+    /// Whether `expiring` was sent for the current token.
+    pub expiring_sent: AtomicBool,
+    /// Milliseconds since `start` of the last inbound frame.
+    last_inbound: AtomicU64,
+    start: Instant,
+}
+
+impl Link {
+    /// A link for a connection whose token expires at `expires_at` (Unix seconds).
+    pub fn new(outbox: Arc<Outbox>, expires_at: u64) -> Self {
+        Link {
+            outbox,
+            expires_at: AtomicU64::new(expires_at),
+            expiring_sent: AtomicBool::new(false),
+            last_inbound: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Records inbound traffic (any frame, pongs included).
+    pub fn touch(&self) {
+        self.last_inbound
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last_inbound(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_inbound.load(Ordering::Relaxed))
+    }
+}
+
+/// The writer's timers and limits.
+pub struct WriterConfig {
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub expiring_notice: Duration,
+    pub write_timeout: Duration,
+    pub reconnect_jitter: Duration,
+}
+
+#[derive(Serialize)]
+struct InMs {
+    in_ms: u64,
+}
+
+#[derive(Serialize)]
+struct AfterMs {
+    after_ms: u64,
+}
+
+fn encode_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
+    let mut head = [0u8; 10];
+    let n = frame.fmt_head(&mut head);
+    buf.extend_from_slice(&head[..n]);
+    buf.extend_from_slice(payload);
+}
+
+fn encode_close(buf: &mut Vec<u8>, closing: &Closing) {
+    let mut payload = closing.code.to_be_bytes().to_vec();
+    // Control frame payloads are at most 125 bytes; cut the reason on a char boundary.
+    let mut reason = closing.reason.as_str();
+    while reason.len() > 123 {
+        let mut cut = 123;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason = &reason[..cut];
+    }
+    payload.extend_from_slice(reason.as_bytes());
+    encode_frame(buf, OpCode::Close, &payload);
+}
+
+/// Unix time in seconds as an `Instant` deadline (past times map to now).
+fn unix_deadline(unix_secs: u64, now: Instant) -> Instant {
+    let now_unix = crate::auth::unix_now();
+    now + Duration::from_secs(unix_secs.saturating_sub(now_unix))
+}
+
+/// Runs until the connection is closed or the socket fails.
+pub async fn run<W: AsyncWrite + Unpin>(
+    mut io: W,
+    link: Arc<Link>,
+    cfg: WriterConfig,
+    shutdown: Shutdown,
+) {
+    let outbox = &link.outbox;
+    let mut items: Vec<Item> = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut next_ping = Instant::now() + cfg.ping_interval;
+    let mut draining = false;
+    loop {
+        let batch = outbox.take(&mut items, BATCH_ITEMS);
+        for item in items.drain(..) {
+            match item {
+                Item::Text(bytes) => encode_frame(&mut buf, OpCode::Text, &bytes),
+                Item::Conflated(sub) => {
+                    if let Some(bytes) = sub.take_pending() {
+                        encode_frame(&mut buf, OpCode::Text, &bytes)
+                    }
+                }
+                Item::Ping => encode_frame(&mut buf, OpCode::Ping, b""),
+                Item::Pong(payload) => encode_frame(&mut buf, OpCode::Pong, &payload),
+            }
+        }
+        let closing = match batch {
+            Batch::Close(c) => {
+                encode_close(&mut buf, &c);
+                Some(c)
+            }
+            Batch::Frames => None,
+        };
+        if !buf.is_empty() {
+            match tokio::time::timeout(cfg.write_timeout, io.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "write failed");
+                    outbox.close(close::NORMAL, "write failed", false);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("write timed out; dropping connection");
+                    outbox.close(close::SLOW_CONSUMER, "write timed out", false);
+                    return;
+                }
+            }
+            buf.clear();
+        }
+        if let Some(c) = closing {
+            tracing::debug!(code = c.code, reason = %c.reason, "closing connection");
+            let _ = tokio::time::timeout(cfg.write_timeout, io.shutdown()).await;
+            return;
+        }
+        if !outbox.is_empty() {
+            continue;
+        }
+        if buf.capacity() > 0 {
+            // Idle connections should cost almost nothing: give the batch buffer back.
+            buf = Vec::new();
+        }
+
+        let now = Instant::now();
+        let idle_deadline = link.last_inbound() + cfg.idle_timeout;
+        let expires_at = unix_deadline(link.expires_at.load(Ordering::Relaxed), now);
+        let notice_at = expires_at.checked_sub(cfg.expiring_notice).unwrap_or(now);
+        let mut deadline = next_ping.min(idle_deadline).min(expires_at);
+        if !link.expiring_sent.load(Ordering::Relaxed) {
+            deadline = deadline.min(notice_at);
+        }
+        tokio::select! {
+            _ = outbox.ready() => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                let expires_at = unix_deadline(link.expires_at.load(Ordering::Relaxed), now);
+                if now >= link.last_inbound() + cfg.idle_timeout {
+                    outbox.close(close::IDLE_TIMEOUT, "idle timeout", false);
+                } else if now >= expires_at {
+                    outbox.close(close::TOKEN_EXPIRED, "token expired", false);
+                } else {
+                    let notice_at = expires_at.checked_sub(cfg.expiring_notice).unwrap_or(now);
+                    if now >= notice_at && !link.expiring_sent.swap(true, Ordering::Relaxed) {
+                        let in_ms = expires_at.saturating_duration_since(now).as_millis() as u64;
+                        outbox.push_reply(protocol::reply("expiring", None, InMs { in_ms }));
+                    }
+                    if now >= next_ping {
+                        outbox.push_control(Item::Ping);
+                        next_ping = now + cfg.ping_interval;
+                    }
+                }
+            }
+            _ = shutdown.wait(), if !draining => {
+                draining = true;
+                let jitter = cfg.reconnect_jitter.as_millis() as u64;
+                let after_ms = if jitter == 0 { 0 } else { fastrand::u64(..=jitter) };
+                outbox.push_reply(protocol::reply("reconnect", None, AfterMs { after_ms }));
+                outbox.close(close::SHUTTING_DOWN, "node shutting down", true);
+            }
+        }
+    }
+}
+
+/// A pong for the client's ping payload.
+pub fn pong(payload: &[u8]) -> Item {
+    Item::Pong(Bytes::copy_from_slice(payload))
+}

@@ -1,0 +1,21 @@
+//! Logging setup: human-readable or JSON lines, filtered by `RUST_LOG` or `log.level`.
+//! Tokens and message bodies are never logged.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+/// Installs the global subscriber; a second call is ignored.
+pub fn init(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
