@@ -214,3 +214,116 @@ impl LiveSink for Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::outbox::{Batch, Item};
+    use serde_json::value::RawValue;
+
+    fn publication(channel: &Channel, seq: u64) -> Arc<Publication> {
+        let data = RawValue::from_string(seq.to_string()).unwrap();
+        Arc::new(Publication::new(channel.clone(), seq, 0, data, None))
+    }
+
+    fn drain(outbox: &Outbox) -> Vec<String> {
+        let mut items = Vec::new();
+        let _ = outbox.take(&mut items, usize::MAX);
+        items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Text(b) => Some(String::from_utf8(b.to_vec()).unwrap()),
+                Item::Conflated(sub) => sub
+                    .take_pending()
+                    .map(|b| String::from_utf8(b.to_vec()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn seqs(frames: &[String]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| serde_json::from_str::<serde_json::Value>(f).ok()?["seq"].as_u64())
+            .collect()
+    }
+
+    #[test]
+    fn seam_skips_what_replay_already_sent_and_keeps_the_rest() {
+        let ch = Channel::parse("t.a").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(100, 1 << 20));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        hub.add(Arc::clone(&sub));
+        // Published while history was being read: 5 and 6 are buffered...
+        hub.deliver(&publication(&ch, 5));
+        hub.deliver(&publication(&ch, 6));
+        // ...and history (read a moment later) already contains 4 and 5.
+        let replay = [publication(&ch, 4), publication(&ch, 5)];
+        sub.go_live(
+            bytes::Bytes::from_static(b"{\"type\":\"subscribed\"}"),
+            &replay,
+            3,
+        );
+        hub.deliver(&publication(&ch, 6)); // a late duplicate from the backbone
+        hub.deliver(&publication(&ch, 7));
+        let frames = drain(&outbox);
+        assert!(frames[0].contains("subscribed"), "reply first");
+        assert_eq!(seqs(&frames), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn conflation_keeps_one_slot_with_the_newest_value() {
+        let ch = Channel::parse("p.x").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(2, 1 << 20));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
+        hub.add(Arc::clone(&sub));
+        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        for seq in 1..=50 {
+            hub.deliver(&publication(&ch, seq));
+        }
+        // 50 publications into an outbox bounded at 2: no close, the newest wins.
+        assert!(!outbox.is_closing());
+        assert_eq!(seqs(&drain(&outbox)), vec![50]);
+        hub.deliver(&publication(&ch, 51));
+        assert_eq!(seqs(&drain(&outbox)), vec![51]);
+    }
+
+    #[test]
+    fn full_outbox_closes_a_non_conflated_subscriber_with_4008() {
+        let ch = Channel::parse("c.x").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(3, 1 << 20));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        hub.add(Arc::clone(&sub));
+        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        for seq in 1..=5 {
+            hub.deliver(&publication(&ch, seq));
+        }
+        let mut items = Vec::new();
+        match outbox.take(&mut items, usize::MAX) {
+            Batch::Close(c) => assert_eq!(c.code, crate::protocol::close::SLOW_CONSUMER),
+            Batch::Frames => panic!("expected a close"),
+        }
+        assert!(
+            items.is_empty(),
+            "a slow consumer's backlog is dropped, not sent"
+        );
+    }
+
+    #[test]
+    fn unsubscribed_subscription_sends_nothing_more() {
+        let ch = Channel::parse("p.y").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(10, 1 << 20));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
+        hub.add(Arc::clone(&sub));
+        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        hub.deliver(&publication(&ch, 1));
+        sub.cancel();
+        assert!(hub.remove(&ch, sub.id), "last subscriber gone");
+        hub.deliver(&publication(&ch, 2));
+        assert_eq!(seqs(&drain(&outbox)), Vec::<u64>::new());
+    }
+}

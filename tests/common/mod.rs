@@ -1,0 +1,397 @@
+//! Test harness: a real gateway on a free loopback port and real WebSocket
+//! clients (tokio-tungstenite, an independent implementation of RFC 6455).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use switchyard::auth::{self, Capability, Claims};
+use switchyard::config::{Config, NamespaceConfig};
+use switchyard::server::{self, RunningServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound for any single wait in tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+pub const SECRET: &str = "test-secret-0123456789";
+pub const API_KEY: &str = "test-api-key";
+
+fn ns(f: impl FnOnce(&mut NamespaceConfig)) -> NamespaceConfig {
+    let mut n = NamespaceConfig::default();
+    f(&mut n);
+    n
+}
+
+/// A config with the namespaces the tests use; generous rate limits.
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.reconnect_jitter = Duration::from_millis(500);
+    c.auth.hmac_secret = SECRET.into();
+    c.api.key = API_KEY.into();
+    c.session.rate_frames_per_sec = 100_000;
+    c.session.rate_frames_burst = 100_000;
+    c.session.rate_bytes_per_sec = 100 << 20;
+    use switchyard::auth::Permission::*;
+    c.namespaces.insert(
+        "chat".into(),
+        ns(|n| {
+            n.history_size = 10_000;
+            n.max_replay = 10_000;
+            n.client_publish = true;
+            n.presence = true;
+            n.join_leave = true;
+            n.acked = true;
+        }),
+    );
+    c.namespaces.insert(
+        "open".into(),
+        ns(|n| {
+            n.history_size = 20_000;
+            n.max_replay = 20_000;
+            n.client_publish = true;
+            n.allow = vec![Sub, Pub, History, Presence];
+            n.max_data_bytes = 64 << 10;
+        }),
+    );
+    c.namespaces.insert(
+        "prices".into(),
+        ns(|n| {
+            n.history_size = 1;
+            n.conflate = true;
+            n.allow = vec![Sub, History];
+            n.default_snapshot = 1;
+            n.max_data_bytes = 64 << 10;
+        }),
+    );
+    c.namespaces.insert(
+        "trim".into(),
+        ns(|n| {
+            n.history_size = 5;
+            n.client_publish = true;
+            n.allow = vec![Sub, Pub, History];
+        }),
+    );
+    c
+}
+
+/// Starts a gateway with `config`.
+pub async fn start(config: Config) -> RunningServer {
+    server::start(config).await.expect("gateway starts")
+}
+
+/// A token for `user` with `caps`, valid for `ttl`.
+pub fn token(user: &str, caps: &[&str], ttl: Duration) -> String {
+    let caps: Vec<Capability> = caps.iter().map(|c| auth::parse_cap(c).unwrap()).collect();
+    let mut c = config();
+    c.auth.hmac_secret = SECRET.into();
+    auth::mint(&c, user, ttl, caps).unwrap()
+}
+
+/// Signs arbitrary claims with `secret` (for malformed/expired/foreign tokens).
+pub fn sign(claims: &Claims, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn now() -> u64 {
+    auth::unix_now()
+}
+
+/// A connected WebSocket client.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+    next_id: u64,
+}
+
+/// How a connection attempt was refused.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: Value,
+}
+
+pub async fn try_connect_with(
+    addr: SocketAddr,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, Refused> {
+    let mut req = format!("ws://{addr}/ws{query}")
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await {
+        Err(_) => panic!("connect timed out"),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            Err(Refused { status, body })
+        }
+        Ok(Err(e)) => panic!("connect failed: {e}"),
+        Ok(Ok((ws, _))) => {
+            let mut c = Client {
+                ws,
+                welcome: Value::Null,
+                next_id: 1,
+            };
+            let w = c.recv().await;
+            assert_eq!(w["type"], "welcome", "first frame is welcome: {w}");
+            c.welcome = w;
+            Ok(c)
+        }
+    }
+}
+
+/// Connects with the token in the `Authorization` header.
+pub async fn connect(addr: SocketAddr, token: &str) -> Client {
+    try_connect_with(addr, "", &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .expect("connection accepted")
+}
+
+/// Connects as `user` with `caps`, valid for an hour.
+pub async fn connect_as(addr: SocketAddr, user: &str, caps: &[&str]) -> Client {
+    connect(addr, &token(user, caps, Duration::from_secs(3600))).await
+}
+
+/// What a read produced.
+#[derive(Debug)]
+pub enum Event {
+    Frame(Value),
+    Closed(Option<u16>, String),
+}
+
+impl Client {
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// Sends a request with a fresh `id` and returns the reply carrying that id;
+    /// other frames read meanwhile are returned too, in order.
+    pub async fn request(&mut self, mut v: Value) -> (Value, Vec<Value>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        v["id"] = json!(id);
+        self.send(v).await;
+        let mut others = Vec::new();
+        loop {
+            let f = self.recv().await;
+            if f["id"] == json!(id) {
+                return (f, others);
+            }
+            others.push(f);
+        }
+    }
+
+    /// Like `request`, expecting the reply type `kind`.
+    pub async fn call(&mut self, v: Value, kind: &str) -> Value {
+        let (reply, _) = self.request(v).await;
+        assert_eq!(reply["type"], kind, "reply: {reply}");
+        reply
+    }
+
+    /// The next event, within `WAIT`.
+    pub async fn next_event(&mut self) -> Event {
+        self.next_event_within(WAIT)
+            .await
+            .expect("an event within the wait")
+    }
+
+    /// The next event within `d`, or None on timeout.
+    pub async fn next_event_within(&mut self, d: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(m) => m,
+            };
+            match m {
+                None => return Some(Event::Closed(None, "stream ended".into())),
+                Some(Err(e)) => return Some(Event::Closed(None, format!("error: {e}"))),
+                Some(Ok(Message::Text(t))) => {
+                    return Some(Event::Frame(
+                        serde_json::from_str(&t).expect("server sends JSON"),
+                    ))
+                }
+                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                    return Some(Event::Closed(Some(u16::from(code)), reason.to_string()))
+                }
+                Some(Ok(Message::Close(None))) => return Some(Event::Closed(None, String::new())),
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next JSON frame; panics on close.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Frame(v) => v,
+            Event::Closed(code, reason) => {
+                panic!("closed ({code:?}, {reason}) while expecting a frame")
+            }
+        }
+    }
+
+    /// Reads until a frame of `kind` arrives.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let f = self.recv().await;
+            if f["type"] == kind {
+                return f;
+            }
+        }
+    }
+
+    /// Reads until the close frame and returns its code; frames before it are returned too.
+    pub async fn expect_close(&mut self) -> (u16, Vec<Value>) {
+        let mut frames = Vec::new();
+        loop {
+            match self.next_event().await {
+                Event::Frame(v) => frames.push(v),
+                Event::Closed(Some(code), _) => return (code, frames),
+                Event::Closed(None, why) => panic!("connection ended without a close code: {why}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Value {
+        self.call(
+            json!({"type": "subscribe", "channel": channel}),
+            "subscribed",
+        )
+        .await
+    }
+
+    pub async fn publish(&mut self, channel: &str, data: Value) -> u64 {
+        let r = self
+            .call(
+                json!({"type": "publish", "channel": channel, "data": data}),
+                "published",
+            )
+            .await;
+        r["seq"].as_u64().unwrap()
+    }
+
+    /// Proves the connection is alive and that everything before it was read.
+    pub async fn ping(&mut self) -> Vec<Value> {
+        let (reply, others) = self.request(json!({"type": "ping"})).await;
+        assert_eq!(reply["type"], "pong");
+        others
+    }
+}
+
+/// A minimal HTTP/1.1 client: returns status and JSON body (Null when not JSON).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    http_on(&mut s, method, path, headers, body, true).await
+}
+
+/// Sends one request on an existing connection.
+pub async fn http_on(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    close: bool,
+) -> (u16, Value) {
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if close {
+        req.push_str("connection: close\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    // Read the head, then exactly content-length bytes.
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("http reply")
+            .unwrap();
+        assert!(n > 0, "connection closed before the reply head");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("http body")
+            .unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Publishes through the server API.
+pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
+    let body = json!({"channel": channel, "data": data}).to_string();
+    let auth = format!("apikey {API_KEY}");
+    let (status, v) = http(
+        addr,
+        "POST",
+        "/api/v1/publish",
+        &[("authorization", &auth)],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["seq"].as_u64().unwrap()
+}
