@@ -104,6 +104,8 @@ pub struct SessionConfig {
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
     pub outbox_bytes: usize,
+    /// Queued frames beyond which a `conflate` channel sends only its latest publication.
+    pub conflate_backlog: usize,
     /// Largest inbound frame; a larger one closes the connection with 4010.
     pub max_frame_bytes: usize,
     pub max_subscriptions: usize,
@@ -127,6 +129,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(60),
             outbox_messages: 1024,
             outbox_bytes: 1 << 20,
+            conflate_backlog: 16,
             max_frame_bytes: 64 << 10,
             max_subscriptions: 512,
             rate_frames_per_sec: 100,

@@ -97,6 +97,11 @@ impl Subscription {
 
     fn enqueue(self: &Arc<Self>, st: &mut SubState, frame: &Bytes) {
         if self.conflate {
+            // A client that keeps up gets every publication; only one that has
+            // fallen behind gets the latest value instead of a backlog.
+            if !st.queued && self.outbox.try_push_within_backlog(frame) {
+                return;
+            }
             st.pending = Some(frame.clone());
             if !st.queued {
                 st.queued = true;
@@ -252,7 +257,7 @@ mod tests {
     fn seam_skips_what_replay_already_sent_and_keeps_the_rest() {
         let ch = Channel::parse("t.a").unwrap();
         let hub = Hub::new();
-        let outbox = Arc::new(Outbox::new(100, 1 << 20));
+        let outbox = Arc::new(Outbox::new(100, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
         hub.add(Arc::clone(&sub));
         // Published while history was being read: 5 and 6 are buffered...
@@ -276,25 +281,29 @@ mod tests {
     fn conflation_keeps_one_slot_with_the_newest_value() {
         let ch = Channel::parse("p.x").unwrap();
         let hub = Hub::new();
-        let outbox = Arc::new(Outbox::new(2, 1 << 20));
+        let outbox = Arc::new(Outbox::new(4, 1 << 20, 2));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        drain(&outbox); // the reply
         for seq in 1..=50 {
             hub.deliver(&publication(&ch, seq));
         }
-        // 50 publications into an outbox bounded at 2: no close, the newest wins.
+        // 50 publications into an outbox bounded at 4 frames: no close; the first two
+        // queue normally (backlog 2), then one slot holds the newest.
         assert!(!outbox.is_closing());
-        assert_eq!(seqs(&drain(&outbox)), vec![50]);
+        assert_eq!(seqs(&drain(&outbox)), vec![1, 2, 50]);
+        // A client that keeps up gets every publication.
         hub.deliver(&publication(&ch, 51));
-        assert_eq!(seqs(&drain(&outbox)), vec![51]);
+        hub.deliver(&publication(&ch, 52));
+        assert_eq!(seqs(&drain(&outbox)), vec![51, 52]);
     }
 
     #[test]
     fn full_outbox_closes_a_non_conflated_subscriber_with_4008() {
         let ch = Channel::parse("c.x").unwrap();
         let hub = Hub::new();
-        let outbox = Arc::new(Outbox::new(3, 1 << 20));
+        let outbox = Arc::new(Outbox::new(3, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
@@ -316,14 +325,23 @@ mod tests {
     fn unsubscribed_subscription_sends_nothing_more() {
         let ch = Channel::parse("p.y").unwrap();
         let hub = Hub::new();
-        let outbox = Arc::new(Outbox::new(10, 1 << 20));
+        let outbox = Arc::new(Outbox::new(10, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
-        hub.deliver(&publication(&ch, 1));
+        drain(&outbox); // the reply
+                        // Fill the backlog so the channel is conflating, then unsubscribe:
+                        // the queued slot must not send the pending publication.
+        for seq in 1..=20 {
+            hub.deliver(&publication(&ch, seq));
+        }
         sub.cancel();
         assert!(hub.remove(&ch, sub.id), "last subscriber gone");
-        hub.deliver(&publication(&ch, 2));
-        assert_eq!(seqs(&drain(&outbox)), Vec::<u64>::new());
+        hub.deliver(&publication(&ch, 21));
+        assert_eq!(
+            seqs(&drain(&outbox)),
+            (1..=10).collect::<Vec<u64>>(),
+            "backlog is capped by the bound (10)"
+        );
     }
 }

@@ -109,7 +109,11 @@ pub async fn serve(
     slot: ConnectionSlot,
 ) {
     let cfg = &node.config.session;
-    let outbox = Arc::new(Outbox::new(cfg.outbox_messages, cfg.outbox_bytes));
+    let outbox = Arc::new(Outbox::new(
+        cfg.outbox_messages,
+        cfg.outbox_bytes,
+        cfg.conflate_backlog,
+    ));
     let link = Arc::new(Link::new(Arc::clone(&outbox), identity.expires_at));
     let conn_id = format!("{}-{:012x}", node.id, fastrand::u64(..1 << 48));
     let device = device.unwrap_or_else(|| conn_id.clone());

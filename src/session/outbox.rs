@@ -49,6 +49,8 @@ pub struct Outbox {
     closed: Notify,
     max_messages: usize,
     max_bytes: usize,
+    /// Backlog (frames) above which conflated subscriptions stop queueing every publication.
+    conflate_backlog: usize,
 }
 
 /// What the writer gets from [`Outbox::take`].
@@ -61,7 +63,7 @@ pub enum Batch {
 
 impl Outbox {
     /// An empty outbox with these bounds.
-    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+    pub fn new(max_messages: usize, max_bytes: usize, conflate_backlog: usize) -> Self {
         Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -72,6 +74,7 @@ impl Outbox {
             closed: Notify::new(),
             max_messages,
             max_bytes,
+            conflate_backlog,
         }
     }
 
@@ -87,9 +90,27 @@ impl Outbox {
         self.push_item(frame.len(), Item::Text(frame), false)
     }
 
-    /// Queues a conflated subscription's slot (at most once per subscription at a time).
+    /// Queues a text frame only while the backlog is short and the bounds allow it;
+    /// never closes the connection.
+    pub fn try_push_within_backlog(&self, frame: &Bytes) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some()
+            || st.queue.len() >= self.conflate_backlog.min(self.max_messages)
+            || st.bytes + frame.len() > self.max_bytes
+        {
+            return false;
+        }
+        st.bytes += frame.len();
+        st.queue.push_back(Item::Text(frame.clone()));
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Queues a conflated subscription's slot. A subscription has at most one slot
+    /// queued, so these are bounded by `max_subscriptions` and never trip the bound.
     pub fn push_conflated(&self, sub: Arc<Subscription>) -> bool {
-        self.push_item(0, Item::Conflated(sub), true)
+        self.push_item(0, Item::Conflated(sub), false)
     }
 
     /// Queues a ping or pong.

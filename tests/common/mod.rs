@@ -71,6 +71,16 @@ pub fn config() -> Config {
         }),
     );
     c.namespaces.insert(
+        "ticks".into(),
+        ns(|n| {
+            n.history_size = 1;
+            n.conflate = true;
+            n.client_publish = true;
+            n.allow = vec![Sub, Pub];
+            n.max_data_bytes = 64 << 10;
+        }),
+    );
+    c.namespaces.insert(
         "trim".into(),
         ns(|n| {
             n.history_size = 5;
@@ -160,6 +170,28 @@ pub async fn try_connect_with(
             Ok(c)
         }
     }
+}
+
+/// Connects through a socket with a small receive buffer, so a client that stops
+/// reading backs up the server quickly instead of filling megabytes of kernel buffers.
+pub async fn connect_slow(addr: SocketAddr, user: &str) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    let t = token(user, &[], Duration::from_secs(3600));
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut c = Client {
+        ws,
+        welcome: Value::Null,
+        next_id: 1,
+    };
+    c.welcome = c.recv().await;
+    c
 }
 
 /// Connects with the token in the `Authorization` header.

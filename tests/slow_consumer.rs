@@ -1,0 +1,129 @@
+//! Slow consumers (DESIGN §4.6): a bounded outbox closes a stalled client with
+//! 4008 on ordinary channels, conflates on `conflate` channels, and never
+//! delays the fast clients on the same channel.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const MESSAGES: u64 = 3000;
+
+fn small_outbox() -> switchyard::config::Config {
+    let mut c = config();
+    c.session.outbox_messages = 64;
+    c.session.outbox_bytes = 256 << 10;
+    c
+}
+
+/// Publishes `MESSAGES` 4 KiB publications and returns their seqs.
+async fn publish_burst(addr: std::net::SocketAddr, channel: &'static str) -> Vec<u64> {
+    let mut p = connect_as(addr, "publisher", &[]).await;
+    let filler = "x".repeat(4096);
+    let mut seqs = Vec::new();
+    for i in 0..MESSAGES {
+        seqs.push(p.publish(channel, json!({"i": i, "pad": filler})).await);
+    }
+    seqs
+}
+
+async fn read_all(mut c: Client, n: usize) -> Vec<u64> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        got.push(c.recv_type("msg").await["seq"].as_u64().unwrap());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_is_closed_4008_while_fast_client_gets_everything() {
+    let gw = start(small_outbox()).await;
+    let mut slow = connect_slow(gw.addr, "slow").await;
+    slow.subscribe("open.firehose").await;
+    let mut fast = connect_as(gw.addr, "fast", &[]).await;
+    fast.subscribe("open.firehose").await;
+    let fast_task = tokio::spawn(read_all(fast, MESSAGES as usize));
+
+    // The slow client reads nothing while everything is published.
+    let seqs = publish_burst(gw.addr, "open.firehose").await;
+    assert_eq!(
+        fast_task.await.unwrap(),
+        seqs,
+        "the fast client misses nothing"
+    );
+
+    // Now the slow client reads what reached it: an in-order prefix, then 4008.
+    let (code, frames) = slow.expect_close().await;
+    assert_eq!(code, 4008);
+    let got: Vec<u64> = frames
+        .iter()
+        .filter(|f| f["type"] == "msg")
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert!(got.len() < seqs.len(), "the stalled client was cut off");
+    assert_eq!(
+        got,
+        seqs[..got.len()].to_vec(),
+        "what it got is an in-order prefix"
+    );
+
+    // It can reconnect from its last seq and lose nothing.
+    let epoch = fast_epoch(gw.addr, "open.firehose").await;
+    let mut again = connect_as(gw.addr, "slow", &[]).await;
+    let since = got.last().copied().unwrap_or(0);
+    let r = again
+        .call(json!({"type": "subscribe", "channel": "open.firehose", "since": {"seq": since, "epoch": epoch}}), "subscribed")
+        .await;
+    assert_eq!(r["recovered"], true);
+    let rest = read_all(again, seqs.len() - got.len()).await;
+    assert_eq!([got, rest].concat(), seqs);
+}
+
+async fn fast_epoch(addr: std::net::SocketAddr, channel: &str) -> String {
+    let mut c = connect_as(addr, "epoch", &[]).await;
+    let r = c
+        .call(
+            json!({"type": "history", "channel": channel, "limit": 1}),
+            "history",
+        )
+        .await;
+    r["position"]["epoch"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_on_conflated_channel_gets_latest_and_stays() {
+    let gw = start(small_outbox()).await;
+    let mut slow = connect_slow(gw.addr, "slow").await;
+    slow.subscribe("ticks.BTC-USDT").await;
+    let mut fast = connect_as(gw.addr, "fast", &[]).await;
+    fast.subscribe("ticks.BTC-USDT").await;
+    let fast_task = tokio::spawn(read_all(fast, MESSAGES as usize));
+
+    let seqs = publish_burst(gw.addr, "ticks.BTC-USDT").await;
+    assert_eq!(
+        fast_task.await.unwrap(),
+        seqs,
+        "a fast client on a conflated channel still gets every tick"
+    );
+
+    // The slow client reads until the newest tick: increasing, ends with the last, fewer than all.
+    let last = *seqs.last().unwrap();
+    let mut got = Vec::new();
+    loop {
+        let seq = slow.recv_type("msg").await["seq"].as_u64().unwrap();
+        assert!(got.last().is_none_or(|&prev| seq > prev), "in order");
+        got.push(seq);
+        if seq == last {
+            break;
+        }
+    }
+    assert!(
+        got.len() < seqs.len(),
+        "ticks were conflated ({} of {})",
+        got.len(),
+        seqs.len()
+    );
+    // Not disconnected, and nothing older arrives afterwards.
+    let later = slow.ping().await;
+    assert!(later.iter().all(|f| f["type"] != "msg"), "{later:?}");
+}
