@@ -113,15 +113,32 @@ struct Envelope<'a> {
     token: Option<Cow<'a, str>>,
 }
 
+/// Just the id of a frame whose other fields did not parse.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+}
+
 /// Longest accepted `msg_id`.
 pub const MAX_MSG_ID_BYTES: usize = 128;
 
 /// Parses one text frame.
 pub fn parse(text: &str) -> Result<(Option<RequestId>, Command), Rejection> {
-    let env: Envelope = serde_json::from_str(text).map_err(|e| Rejection {
-        id: None,
-        code: code::MALFORMED,
-        reason: format!("malformed frame: {e}"),
+    let env: Envelope = serde_json::from_str(text).map_err(|e| {
+        // Valid JSON with a wrongly typed field: still echo the id, and say which.
+        match serde_json::from_str::<IdOnly>(text) {
+            Ok(only) => Rejection {
+                id: only.id.map(|raw| raw.to_owned()),
+                code: code::BAD_FIELD,
+                reason: format!("invalid field: {e}"),
+            },
+            Err(_) => Rejection {
+                id: None,
+                code: code::MALFORMED,
+                reason: format!("malformed frame: {e}"),
+            },
+        }
     })?;
     let id = env.id.map(|raw| raw.to_owned());
     let missing = |field: &str, kind: &str| Rejection {

@@ -183,7 +183,7 @@ pub async fn serve(
         let frame = match frame {
             Ok(frame) => frame,
             Err(WebSocketError::FrameTooLarge) => {
-                outbox.close(close::FRAME_TOO_LARGE, "frame too large", false);
+                outbox.close(close::FRAME_TOO_LARGE, "frame too large", true);
                 break;
             }
             Err(
@@ -198,7 +198,7 @@ pub async fn serve(
                 outbox.close(
                     close::PROTOCOL_VIOLATION,
                     &format!("protocol violation: {e}"),
-                    false,
+                    true,
                 );
                 break;
             }
@@ -208,7 +208,7 @@ pub async fn serve(
             OpCode::Text if frame.fin => match std::str::from_utf8(&frame.payload) {
                 Ok(text) => session.on_text(text).await,
                 Err(_) => {
-                    outbox.close(close::PROTOCOL_VIOLATION, "invalid UTF-8", false);
+                    outbox.close(close::PROTOCOL_VIOLATION, "invalid UTF-8", true);
                     break;
                 }
             },
@@ -223,7 +223,7 @@ pub async fn serve(
                 outbox.close(
                     close::PROTOCOL_VIOLATION,
                     "fragmented messages are not supported",
-                    false,
+                    true,
                 );
                 break;
             }
@@ -251,7 +251,7 @@ impl Session {
             if self.violations > self.node.config.session.rate_violations_before_close {
                 self.link
                     .outbox
-                    .close(close::RATE_LIMIT, "rate limit exceeded repeatedly", false);
+                    .close(close::RATE_LIMIT, "rate limit exceeded repeatedly", true);
             } else {
                 self.reply_error(
                     None,

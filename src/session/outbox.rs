@@ -32,7 +32,8 @@ pub enum Item {
 pub struct Closing {
     pub code: u16,
     pub reason: String,
-    /// Send what is queued before the close frame (drain), or drop it (slow consumer).
+    /// Send what is queued before the close frame, or drop it (slow consumer, dead peer).
+    /// Flushing is bounded: past a close decision nothing new is queued.
     pub flush: bool,
 }
 

@@ -177,9 +177,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 let now = Instant::now();
                 let expires_at = unix_deadline(link.expires_at.load(Ordering::Relaxed), now);
                 if now >= link.last_inbound() + cfg.idle_timeout {
-                    outbox.close(close::IDLE_TIMEOUT, "idle timeout", false);
+                    outbox.close(close::IDLE_TIMEOUT, "idle timeout", true);
                 } else if now >= expires_at {
-                    outbox.close(close::TOKEN_EXPIRED, "token expired", false);
+                    outbox.close(close::TOKEN_EXPIRED, "token expired", true);
                 } else {
                     let notice_at = expires_at.checked_sub(cfg.expiring_notice).unwrap_or(now);
                     if now >= notice_at && !link.expiring_sent.swap(true, Ordering::Relaxed) {

@@ -93,6 +93,11 @@ pub fn config() -> Config {
 
 /// Starts a gateway with `config`.
 pub async fn start(config: Config) -> RunningServer {
+    // Quiet unless RUST_LOG asks for more.
+    switchyard::telemetry::init(&switchyard::config::LogConfig {
+        level: "warn".into(),
+        json: false,
+    });
     server::start(config).await.expect("gateway starts")
 }
 
@@ -123,6 +128,8 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub welcome: Value,
     next_id: u64,
+    /// Frames read while waiting for a reply; `recv` returns these first.
+    stash: std::collections::VecDeque<Value>,
 }
 
 /// How a connection attempt was refused.
@@ -163,6 +170,7 @@ pub async fn try_connect_with(
                 ws,
                 welcome: Value::Null,
                 next_id: 1,
+                stash: Default::default(),
             };
             let w = c.recv().await;
             assert_eq!(w["type"], "welcome", "first frame is welcome: {w}");
@@ -189,6 +197,7 @@ pub async fn connect_slow(addr: SocketAddr, user: &str) -> Client {
         ws,
         welcome: Value::Null,
         next_id: 1,
+        stash: Default::default(),
     };
     c.welcome = c.recv().await;
     c
@@ -225,8 +234,13 @@ impl Client {
         self.ws.send(m).await.expect("send");
     }
 
-    /// Sends a request with a fresh `id` and returns the reply carrying that id;
-    /// other frames read meanwhile are returned too, in order.
+    /// Sends without failing when the server has already closed (floods).
+    pub async fn try_send(&mut self, v: Value) -> bool {
+        self.ws.send(Message::text(v.to_string())).await.is_ok()
+    }
+
+    /// Sends a request with a fresh `id` and returns the reply carrying that id.
+    /// Other frames read meanwhile are returned too, and kept for `recv`.
     pub async fn request(&mut self, mut v: Value) -> (Value, Vec<Value>) {
         let id = self.next_id;
         self.next_id += 1;
@@ -234,8 +248,15 @@ impl Client {
         self.send(v).await;
         let mut others = Vec::new();
         loop {
-            let f = self.recv().await;
+            let f = match self.next_socket_event(WAIT).await {
+                Some(Event::Frame(f)) => f,
+                Some(Event::Closed(code, reason)) => {
+                    panic!("closed ({code:?}, {reason}) while waiting for reply {id}")
+                }
+                None => panic!("no reply to request {id} within the wait"),
+            };
             if f["id"] == json!(id) {
+                self.stash.extend(others.iter().cloned());
                 return (f, others);
             }
             others.push(f);
@@ -258,6 +279,13 @@ impl Client {
 
     /// The next event within `d`, or None on timeout.
     pub async fn next_event_within(&mut self, d: Duration) -> Option<Event> {
+        if let Some(f) = self.stash.pop_front() {
+            return Some(Event::Frame(f));
+        }
+        self.next_socket_event(d).await
+    }
+
+    async fn next_socket_event(&mut self, d: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + d;
         loop {
             let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {

@@ -1,0 +1,220 @@
+//! Bad input gets a clear error and loses nothing: each case has its documented
+//! error frame or close code, and the node keeps serving everyone else.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Another client can still subscribe, publish and receive.
+async fn node_still_serves(addr: SocketAddr) {
+    let mut c = connect_as(addr, "bystander", &[]).await;
+    let channel = format!("open.health{}", fastrand::u32(..));
+    c.subscribe(&channel).await;
+    let seq = c.publish(&channel, json!("ok")).await;
+    assert_eq!(c.recv_type("msg").await["seq"], seq);
+}
+
+#[tokio::test]
+async fn malformed_frames_get_error_frames_and_the_connection_stays() {
+    let gw = start(config()).await;
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+
+    c.send_raw(Message::text("{not json")).await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_u64()),
+        (Some("error"), Some(101))
+    );
+
+    c.send_raw(Message::text("[1,2,3]")).await;
+    assert_eq!(c.recv().await["code"], 101, "not an object");
+
+    let e = c.call(json!({"type": "teleport"}), "error").await;
+    assert_eq!(e["code"], 102);
+
+    // Missing fields name the field and echo the id.
+    c.send(json!({"type": "subscribe", "id": "req-7"})).await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["code"].as_u64(), e["id"].as_str()),
+        (Some(103), Some("req-7"))
+    );
+    assert!(e["reason"].as_str().unwrap().contains("channel"));
+    let e = c
+        .call(json!({"type": "publish", "channel": "open.x"}), "error")
+        .await;
+    assert_eq!(e["code"], 103);
+    let e = c
+        .call(json!({"type": "ack", "channel": "open.x"}), "error")
+        .await;
+    assert_eq!(e["code"], 103);
+    let e = c.call(json!({"id": 1}), "error").await;
+    assert_eq!(e["code"], 103, "no type");
+    let e = c
+        .call(json!({"type": "subscribe", "channel": 42}), "error")
+        .await;
+    assert_eq!(e["code"], 103, "wrong field type");
+
+    for bad in [
+        "nodots",
+        "open..x",
+        "open.$$",
+        "open.a b",
+        "open.*",
+        &format!("open.{}", "x".repeat(200)),
+    ] {
+        let e = c
+            .call(json!({"type": "subscribe", "channel": bad}), "error")
+            .await;
+        assert_eq!(e["code"], 104, "{bad}");
+    }
+
+    // Binary frames are refused with an error, not a close.
+    c.send_raw(Message::binary(vec![1u8, 2, 3])).await;
+    assert_eq!(c.recv().await["code"], 116);
+
+    // Data over the namespace limit (16 KiB) but within the frame limit (64 KiB).
+    let big = "x".repeat(20 << 10);
+    let e = c
+        .call(
+            json!({"type": "publish", "channel": "trim.x", "data": big}),
+            "error",
+        )
+        .await;
+    assert!(e["code"] == 111, "{e}");
+
+    c.ping().await;
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_4010() {
+    let mut cfg = config();
+    cfg.session.max_frame_bytes = 1024;
+    let gw = start(cfg).await;
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+    c.send(json!({"type": "publish", "channel": "open.x", "data": "y".repeat(2000)}))
+        .await;
+    assert_eq!(c.expect_close().await.0, 4010);
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_4011() {
+    let gw = start(config()).await;
+
+    // A fragmented message (first fragment without FIN).
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+    c.send_raw(Message::Frame(Frame::message(
+        b"{\"type\":".to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    assert_eq!(c.expect_close().await.0, 4011);
+
+    // A text frame that is not UTF-8.
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+    c.send_raw(Message::Frame(Frame::message(
+        vec![0xffu8, 0xfe, 0xfd],
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await;
+    assert_eq!(c.expect_close().await.0, 4011);
+
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn flood_gets_rate_limited_then_closed_4009() {
+    let mut cfg = config();
+    cfg.session.rate_frames_per_sec = 20;
+    cfg.session.rate_frames_burst = 20;
+    cfg.session.rate_violations_before_close = 10;
+    let gw = start(cfg).await;
+    let mut c = connect_as(gw.addr, "flooder", &[]).await;
+    for _ in 0..500 {
+        // The server may close mid-flood; that is the expected outcome.
+        if !c.try_send(json!({"type": "ping"})).await {
+            break;
+        }
+    }
+    let (code, frames) = c.expect_close().await;
+    assert_eq!(code, 4009);
+    let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
+    let limited = frames.iter().filter(|f| f["code"] == 110).count();
+    assert!((20..100).contains(&pongs), "the burst was served: {pongs}");
+    assert!(limited >= 1, "an error comes before the close");
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_subscriptions_hit_the_limit() {
+    let mut cfg = config();
+    cfg.session.max_subscriptions = 100;
+    let gw = start(cfg).await;
+    let mut c = connect_as(gw.addr, "greedy", &[]).await;
+    for i in 0..10_000 {
+        c.send(json!({"type": "subscribe", "channel": format!("open.c{i}"), "id": i}))
+            .await;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..10_000 {
+        let f = c.recv().await;
+        match f["type"].as_str() {
+            Some("subscribed") => ok += 1,
+            Some("error") if f["code"] == 109 => refused += 1,
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    assert_eq!((ok, refused), (100, 9_900));
+    c.ping().await;
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn per_user_and_per_node_connection_limits() {
+    let mut cfg = config();
+    cfg.server.max_connections_per_user = 2;
+    cfg.server.max_connections = 3;
+    let gw = start(cfg).await;
+    let t = token("alice", &[], std::time::Duration::from_secs(60));
+    let a1 = connect(gw.addr, &t).await;
+    let _a2 = connect(gw.addr, &t).await;
+    let r = try_connect_with(gw.addr, &format!("?token={t}"), &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, 429);
+    let _b = connect_as(gw.addr, "bob", &[]).await;
+    let r = try_connect_with(
+        gw.addr,
+        &format!(
+            "?token={}",
+            token("carol", &[], std::time::Duration::from_secs(60))
+        ),
+        &[],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(r.status, 503);
+    // A slot frees when a connection ends.
+    drop(a1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if gw.node.connection_count() < 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot released");
+        tokio::task::yield_now().await;
+    }
+    let _a3 = connect(gw.addr, &t).await;
+}
