@@ -118,8 +118,8 @@ mod tests {
         assert!(Channel::parse("chat..x").is_err());
         assert!(Channel::parse("chat.a b").is_err());
         assert!(Channel::parse("chat.*").is_err());
-        assert!(Channel::parse(&"a.".repeat(16).trim_end_matches('.').to_string()).is_ok());
-        assert!(Channel::parse(&"a.".repeat(17).trim_end_matches('.').to_string()).is_err());
+        assert!(Channel::parse("a.".repeat(16).trim_end_matches('.')).is_ok());
+        assert!(Channel::parse("a.".repeat(17).trim_end_matches('.')).is_err());
         assert!(Channel::parse(&format!("chat.{}", "x".repeat(200))).is_err());
         assert_eq!(ch("chat.room.1").namespace(), "chat");
     }

@@ -60,14 +60,12 @@ fn same_key(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+/// The refusal for a request without the right API key, if any.
+fn refusal(node: &Node, req: &Request<Incoming>) -> Option<Response<Body>> {
     let key = &node.config.api.key;
     if key.is_empty() {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            403,
-            "the API is disabled: set api.key",
-        ));
+        let why = "the API is disabled: set api.key";
+        return Some(error(StatusCode::FORBIDDEN, 403, why));
     }
     let given = req
         .headers()
@@ -76,8 +74,8 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), Response<Body>
         .and_then(|v| v.strip_prefix("apikey "))
         .map(str::trim);
     match given {
-        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => Ok(()),
-        _ => Err(error(
+        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => None,
+        _ => Some(error(
             StatusCode::UNAUTHORIZED,
             401,
             "missing or wrong API key",
@@ -86,6 +84,19 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), Response<Body>
 }
 
 async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    // Refuse a declared oversize body before reading it (and before `100 Continue`).
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY) {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::TOO_LARGE,
+            "body larger than 1 MiB",
+        ));
+    }
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -168,7 +179,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 
 /// Routes `/api/...`.
 pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    if let Err(resp) = authorized(&node, &req) {
+    if let Some(resp) = refusal(&node, &req) {
         return resp;
     }
     let path = req.uri().path().to_string();

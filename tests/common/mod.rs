@@ -390,10 +390,13 @@ pub async fn http_on(
     close: bool,
 ) -> (u16, Value) {
     let body = body.unwrap_or("");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
     if close {
         req.push_str("connection: close\r\n");
     }
