@@ -35,9 +35,7 @@ pub mod code {
 /// Close codes for fatal conditions.
 pub mod close {
     pub const NORMAL: u16 = 1000;
-    pub const BAD_TOKEN: u16 = 4001;
     pub const TOKEN_EXPIRED: u16 = 4002;
-    pub const KICKED: u16 = 4003;
     pub const IDLE_TIMEOUT: u16 = 4005;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const RATE_LIMIT: u16 = 4009;
