@@ -30,8 +30,10 @@ test:
 fmt:
 	cargo fmt --all
 
-bench:
-	cargo run --release --example bench
+## Load benchmark: node pinned to CPU 0, load generator to CPU 1 (see examples/bench.rs).
+bench: build
+	cargo build --release --example bench
+	ulimit -n 20000 && taskset -c 1 target/release/examples/bench
 
 clean:
 	cargo clean

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub reconnect_jitter: Duration,
     pub max_connections: usize,
     pub max_connections_per_user: usize,
+    /// A client that has not sent its request headers by then is dropped (slowloris).
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             reconnect_jitter: Duration::from_secs(5),
             max_connections: 200_000,
             max_connections_per_user: 64,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -367,5 +371,52 @@ mod duration {
                 ))
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
+
+    fn with_file(extra: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("sy-config-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let base = std::fs::read_to_string(SHIPPED).unwrap();
+        std::fs::write(&path, format!("{base}\n{extra}")).unwrap();
+        let r = Config::load(Some(&path));
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_documents_the_defaults() {
+        let c = Config::load(Some(Path::new(SHIPPED))).unwrap();
+        let d = Config::default();
+        assert_eq!(c.session.ping_interval, d.session.ping_interval);
+        assert_eq!(c.session.outbox_messages, d.session.outbox_messages);
+        assert_eq!(c.server.drain_timeout, d.server.drain_timeout);
+        assert_eq!(c.namespaces["prices"].default_snapshot, 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = with_file("[namespaces.x]\nhistory_ttl = \"soon\"")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("namespaces.x.history_ttl"), "{e}");
+        let e = with_file("[namespaces.y]\nhistroy_size = 5").unwrap_err().0;
+        assert!(e.contains("histroy_size"), "{e}");
+        let e = with_file("[namespaces.z]\nmax_replay = 0").unwrap_err().0;
+        assert!(e.contains("namespaces.z.max_replay"), "{e}");
+        let e = Config::load(Some(Path::new("/nonexistent/switchyard.toml")))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("does not exist"), "{e}");
+        let mut c = Config::default();
+        c.namespaces.insert("a".into(), NamespaceConfig::default());
+        assert!(c.validate().unwrap_err().0.starts_with("`auth`"));
     }
 }

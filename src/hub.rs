@@ -117,11 +117,18 @@ impl Subscription {
     pub fn go_live(self: &Arc<Self>, reply: Bytes, replay: &[Arc<Publication>], after: u64) {
         let mut st = self.state.lock();
         st.last_seq = after;
+        if !replay.is_empty() && !self.outbox.can_start_replay() {
+            drop(st);
+            let why = "slow consumer: unread backlog too large to start a replay";
+            self.outbox
+                .close(crate::protocol::close::SLOW_CONSUMER, why, false);
+            return;
+        }
         self.outbox.push_reply(reply);
         for p in replay {
             if p.seq > st.last_seq {
                 st.last_seq = p.seq;
-                self.outbox.push_reply(p.frame.clone());
+                self.outbox.push_replay(p.frame.clone());
             }
         }
         let buffered = match std::mem::replace(&mut st.phase, Phase::Live) {
@@ -343,5 +350,22 @@ mod tests {
             (1..=10).collect::<Vec<u64>>(),
             "backlog is capped by the bound (10)"
         );
+    }
+
+    #[test]
+    fn replay_does_not_start_over_an_unread_backlog() {
+        let ch = Channel::parse("c.r").unwrap();
+        let outbox = Arc::new(Outbox::new(100, 1024, 16));
+        // Replies the client has not read: over the byte bound, within reply headroom.
+        for _ in 0..3 {
+            assert!(outbox.push_reply(bytes::Bytes::from(vec![b' '; 500])));
+        }
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        sub.go_live(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0);
+        let mut items = Vec::new();
+        match outbox.take(&mut items, usize::MAX) {
+            Batch::Close(c) => assert_eq!(c.code, crate::protocol::close::SLOW_CONSUMER),
+            Batch::Frames => panic!("expected a close"),
+        }
     }
 }

@@ -214,3 +214,107 @@ async fn refresh_extends_the_session() {
     }
     c.ping().await;
 }
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{FIXTURES}/{name}")).unwrap()
+}
+
+fn sign_with(
+    alg: jsonwebtoken::Algorithm,
+    kid: Option<&str>,
+    key: &jsonwebtoken::EncodingKey,
+    claims: &Claims,
+) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn rs256_and_es256_public_keys() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let mut cfg = config();
+    cfg.auth.rsa_public_key = Some(format!("{FIXTURES}/rsa.pub.pem").into());
+    cfg.auth.ec_public_key = Some(format!("{FIXTURES}/ec.pub.pem").into());
+    let gw = start(cfg).await;
+    let rsa = EncodingKey::from_rsa_pem(&fixture("rsa.key.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture("ec.key.pem")).unwrap();
+    let c = claims("rsa-user", now() + 60);
+
+    let ok = connect(gw.addr, &sign_with(Algorithm::RS256, None, &rsa, &c)).await;
+    assert_eq!(ok.welcome["user"], "rsa-user");
+    let ok = connect(
+        gw.addr,
+        &sign_with(Algorithm::ES256, None, &ec, &claims("ec-user", now() + 60)),
+    )
+    .await;
+    assert_eq!(ok.welcome["user"], "ec-user");
+
+    // Algorithm confusion: HS256 "signed" with the RSA public key as the secret.
+    let confused = sign_with(
+        Algorithm::HS256,
+        None,
+        &EncodingKey::from_secret(&fixture("rsa.pub.pem")),
+        &c,
+    );
+    assert_eq!(refused(gw.addr, Some(&confused)).await.body["code"], 202);
+    // An expired RS256 token is expired, not merely invalid.
+    let old = sign_with(
+        Algorithm::RS256,
+        None,
+        &rsa,
+        &claims("rsa-user", now() - 600),
+    );
+    assert_eq!(refused(gw.addr, Some(&old)).await.body["code"], 203);
+}
+
+#[tokio::test]
+async fn jwks_keys_are_chosen_by_kid() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let rsa = EncodingKey::from_rsa_pem(&fixture("rsa.key.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture("ec.key.pem")).unwrap();
+    let mut rsa_jwk = Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
+    rsa_jwk.common.key_id = Some("rsa-1".into());
+    let mut ec_jwk = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
+    ec_jwk.common.key_id = Some("ec-1".into());
+    let set = JwkSet {
+        keys: vec![rsa_jwk, ec_jwk],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, serde_json::to_vec(&set).unwrap()).unwrap();
+
+    let mut cfg = config();
+    cfg.auth.jwks_file = Some(path);
+    let gw = start(cfg).await;
+    let c = claims("jwks-user", now() + 60);
+    let ok = connect(
+        gw.addr,
+        &sign_with(Algorithm::RS256, Some("rsa-1"), &rsa, &c),
+    )
+    .await;
+    assert_eq!(ok.welcome["user"], "jwks-user");
+    connect(gw.addr, &sign_with(Algorithm::ES256, Some("ec-1"), &ec, &c)).await;
+    // A kid naming a key of another algorithm, and an unknown kid, are refused.
+    assert_eq!(
+        refused(
+            gw.addr,
+            Some(&sign_with(Algorithm::ES256, Some("rsa-1"), &ec, &c))
+        )
+        .await
+        .body["code"],
+        202
+    );
+    assert_eq!(
+        refused(
+            gw.addr,
+            Some(&sign_with(Algorithm::RS256, Some("nope"), &rsa, &c))
+        )
+        .await
+        .body["code"],
+        202
+    );
+}

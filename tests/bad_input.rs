@@ -218,3 +218,53 @@ async fn per_user_and_per_node_connection_limits() {
     }
     let _a3 = connect(gw.addr, &t).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requesting_without_reading_ends_as_slow_consumer() {
+    let mut cfg = config();
+    cfg.session.outbox_bytes = 64 << 10;
+    let gw = start(cfg).await;
+    let mut p = connect_as(gw.addr, "p", &[]).await;
+    let pad = "h".repeat(10_000);
+    for i in 0..10 {
+        p.publish("open.big", json!({"i": i, "pad": pad})).await;
+    }
+    // ~100 KB per history reply; the client asks for 200 of them and reads nothing.
+    let mut greedy = connect_slow(gw.addr, "greedy").await;
+    for _ in 0..200 {
+        if !greedy
+            .try_send(json!({"type": "history", "channel": "open.big", "limit": 10}))
+            .await
+        {
+            break;
+        }
+    }
+    let (code, _) = greedy.expect_close().await;
+    assert_eq!(code, 4008);
+    node_still_serves(gw.addr).await;
+}
+
+#[tokio::test]
+async fn incomplete_request_headers_are_dropped() {
+    let mut cfg = config();
+    cfg.server.header_read_timeout = std::time::Duration::from_millis(500);
+    let gw = start(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    // The server answers 408 or just closes; either way the connection ends.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the slow request was dropped");
+    node_still_serves(gw.addr).await;
+}

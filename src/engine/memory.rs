@@ -386,3 +386,136 @@ impl Cursors for MemoryCursors {
         Box::pin(async move { Ok(seq) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+
+    struct Discard;
+    impl LiveSink for Discard {
+        fn deliver(&self, _: &Arc<Publication>) {}
+    }
+
+    fn broker(cfg: NamespaceConfig) -> Arc<MemoryBroker> {
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert("ns".to_string(), cfg);
+        MemoryBroker::new(&namespaces, Arc::new(Discard))
+    }
+
+    fn publish(b: &MemoryBroker, channel: &str, msg_id: Option<&str>) -> Published {
+        b.publish_now(PublishRequest {
+            channel: Channel::parse(channel).unwrap(),
+            data: RawValue::from_string("1".into()).unwrap(),
+            from: None,
+            msg_id: msg_id.map(str::to_string),
+        })
+        .unwrap()
+    }
+
+    fn after(b: &MemoryBroker, channel: &str, seq: u64) -> HistoryPage {
+        let from = HistoryFrom::After(Position {
+            seq,
+            epoch: b.epoch().to_string(),
+        });
+        b.history_now(&Channel::parse(channel).unwrap(), from, 100)
+            .unwrap()
+    }
+
+    #[test]
+    fn seq_is_per_namespace_and_increasing_per_channel() {
+        let b = broker(NamespaceConfig::default());
+        assert_eq!(publish(&b, "ns.a", None).seq, 1);
+        assert_eq!(publish(&b, "ns.b", None).seq, 2);
+        assert_eq!(publish(&b, "ns.a", None).seq, 3);
+        let page = after(&b, "ns.a", 0);
+        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        assert_eq!(
+            (seqs, page.complete, page.position.seq),
+            (vec![1, 3], true, 3)
+        );
+    }
+
+    #[test]
+    fn expired_history_is_trimmed_and_reported_incomplete() {
+        // A zero TTL expires everything but the publication stored in the same instant.
+        let b = broker(NamespaceConfig {
+            history_ttl: Duration::ZERO,
+            ..NamespaceConfig::default()
+        });
+        publish(&b, "ns.a", None);
+        publish(&b, "ns.a", None);
+        let page = after(&b, "ns.a", 0);
+        assert!(
+            !page.complete,
+            "seq 1 expired: replay from 0 cannot be complete"
+        );
+        assert_eq!(page.position.seq, 2);
+    }
+
+    #[test]
+    fn sweeping_an_idle_channel_keeps_recovery_honest() {
+        let b = broker(NamespaceConfig {
+            history_ttl: Duration::ZERO,
+            ..NamespaceConfig::default()
+        });
+        publish(&b, "ns.a", None);
+        b.sweep();
+        assert!(
+            b.channels.lock().is_empty(),
+            "the expired channel log is dropped"
+        );
+        let page = after(&b, "ns.a", 0);
+        assert!(!page.complete, "seq 1 existed and is gone");
+        assert_eq!(page.position.seq, 1);
+        assert!(after(&b, "ns.a", 1).complete, "nothing after 1 was lost");
+    }
+
+    #[test]
+    fn msg_id_dedupes_within_the_window_only() {
+        let b = broker(NamespaceConfig::default());
+        let first = publish(&b, "ns.a", Some("m1"));
+        let again = publish(&b, "ns.a", Some("m1"));
+        assert_eq!((again.seq, again.duplicate), (first.seq, true));
+        let b = broker(NamespaceConfig {
+            dedupe_window: Duration::ZERO,
+            ..NamespaceConfig::default()
+        });
+        let first = publish(&b, "ns.a", Some("m1"));
+        let later = publish(&b, "ns.a", Some("m1"));
+        assert!(
+            !later.duplicate && later.seq > first.seq,
+            "outside the window it is new"
+        );
+    }
+
+    #[test]
+    fn wrong_epoch_and_too_much_to_replay_are_incomplete() {
+        let b = broker(NamespaceConfig {
+            history_size: 1000,
+            ..NamespaceConfig::default()
+        });
+        for _ in 0..10 {
+            publish(&b, "ns.a", None);
+        }
+        let ch = Channel::parse("ns.a").unwrap();
+        let other = HistoryFrom::After(Position {
+            seq: 5,
+            epoch: "other".into(),
+        });
+        let page = b.history_now(&ch, other, 100).unwrap();
+        assert_eq!((page.complete, page.publications.len()), (false, 10));
+        let bounded = HistoryFrom::After(Position {
+            seq: 0,
+            epoch: b.epoch().to_string(),
+        });
+        let page = b.history_now(&ch, bounded, 4).unwrap();
+        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        assert_eq!(
+            (page.complete, seqs),
+            (false, vec![7, 8, 9, 10]),
+            "the newest part, flagged"
+        );
+    }
+}

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -131,10 +131,13 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
             },
         };
         let _ = stream.set_nodelay(true);
+        let header_timeout = node.config.server.header_read_timeout;
         let node = Arc::clone(&node);
         tokio::spawn(async move {
             let service = service_fn(move |req| route(Arc::clone(&node), req));
             let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             if let Err(e) = conn.await {

@@ -233,10 +233,26 @@ pub async fn serve(
     }
 
     session.cleanup().await;
+    // Closing handshake: keep reading (and discarding) until the client answers our
+    // close or goes away. Dropping a socket with unread input makes the kernel send a
+    // reset, which would destroy the close frame still on its way to the client.
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        loop {
+            match reader.read_frame(&mut send_fn).await {
+                Ok(frame) if frame.opcode == OpCode::Close => break,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
     // The writer sends the close frame and ends on its own, bounded by its write timeout.
     let _ = writer.await;
     drop(slot);
 }
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Session {
     fn reply_error(&self, id: Option<&RawValue>, code: u16, reason: &str) {

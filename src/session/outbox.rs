@@ -27,6 +27,16 @@ pub enum Item {
     Pong(Bytes),
 }
 
+/// Which limit a push is held to.
+enum Bound {
+    /// Live publications: the frame and byte bounds.
+    Live,
+    /// Replies and replays: twice the byte bound.
+    Reply,
+    /// Pings, pongs, conflated slots (one per subscription) and replays (see `push_replay`).
+    None,
+}
+
 /// Why and how the connection ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closing {
@@ -81,14 +91,27 @@ impl Outbox {
 
     /// Queues a text frame; on overflow the connection is closed with 4008 and `false` returned.
     pub fn push(&self, frame: Bytes) -> bool {
-        self.push_item(frame.len(), Item::Text(frame), true)
+        self.push_item(frame.len(), Item::Text(frame), Bound::Live)
     }
 
-    /// Queues a reply or replayed frame. These are bounded by what the client asked
-    /// for (rate limit, `max_replay`), so they never trip the slow-consumer bound;
-    /// they do count towards it for later live pushes.
+    /// Queues a reply or replayed frame. A replay may exceed the live bounds (it is
+    /// limited by `max_replay`), so replies get headroom: twice the byte bound. A client
+    /// that keeps asking without reading still ends as a slow consumer.
     pub fn push_reply(&self, frame: Bytes) -> bool {
-        self.push_item(frame.len(), Item::Text(frame), false)
+        self.push_item(frame.len(), Item::Text(frame), Bound::Reply)
+    }
+
+    /// Queues a replayed publication. A replay is bounded by `max_replay` and may
+    /// exceed the outbox (a client catching up after 4008 needs exactly that); what
+    /// keeps memory bounded is [`Outbox::can_start_replay`].
+    pub fn push_replay(&self, frame: Bytes) -> bool {
+        self.push_item(frame.len(), Item::Text(frame), Bound::None)
+    }
+
+    /// Whether a new replay may start: not while the client has not read the bytes
+    /// already queued, so at most one oversized replay is ever pending.
+    pub fn can_start_replay(&self) -> bool {
+        self.state.lock().bytes <= self.max_bytes
     }
 
     /// Queues a text frame only while the backlog is short and the bounds allow it;
@@ -111,20 +134,25 @@ impl Outbox {
     /// Queues a conflated subscription's slot. A subscription has at most one slot
     /// queued, so these are bounded by `max_subscriptions` and never trip the bound.
     pub fn push_conflated(&self, sub: Arc<Subscription>) -> bool {
-        self.push_item(0, Item::Conflated(sub), false)
+        self.push_item(0, Item::Conflated(sub), Bound::None)
     }
 
     /// Queues a ping or pong.
     pub fn push_control(&self, item: Item) -> bool {
-        self.push_item(0, item, false)
+        self.push_item(0, item, Bound::None)
     }
 
-    fn push_item(&self, len: usize, item: Item, bounded: bool) -> bool {
+    fn push_item(&self, len: usize, item: Item, bound: Bound) -> bool {
         let mut st = self.state.lock();
         if st.closing.is_some() {
             return false;
         }
-        if bounded && (st.queue.len() >= self.max_messages || st.bytes + len > self.max_bytes) {
+        let over = match bound {
+            Bound::Live => st.queue.len() >= self.max_messages || st.bytes + len > self.max_bytes,
+            Bound::Reply => st.bytes + len > 2 * self.max_bytes,
+            Bound::None => false,
+        };
+        if over {
             drop(st);
             self.close(close::SLOW_CONSUMER, "slow consumer: outbox full", false);
             return false;

@@ -300,10 +300,16 @@ impl Client {
                         serde_json::from_str(&t).expect("server sends JSON"),
                     ))
                 }
-                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
-                    return Some(Event::Closed(Some(u16::from(code)), reason.to_string()))
+                Some(Ok(Message::Close(frame))) => {
+                    // Complete the closing handshake, as a real client does.
+                    let _ = self.ws.flush().await;
+                    return Some(match frame {
+                        Some(CloseFrame { code, reason }) => {
+                            Event::Closed(Some(u16::from(code)), reason.to_string())
+                        }
+                        None => Event::Closed(None, String::new()),
+                    });
                 }
-                Some(Ok(Message::Close(None))) => return Some(Event::Closed(None, String::new())),
                 Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
                 Some(Ok(_)) => continue,
             }
