@@ -10,6 +10,9 @@
 //!    deliveries per server CPU-second and publish→deliver latency (p50/p99/max),
 //!    with a check that every subscriber received every publication in order.
 //!
+//! BENCH_NODE=host:port (with BENCH_NODE_PID) measures a node started elsewhere,
+//! e.g. under a heap profiler, instead of starting one.
+//!
 //! Latency is measured on this process's clock from just before the publish frame is
 //! written to when a subscriber task has read the frame, so it includes the load
 //! generator's own scheduling delay: an upper bound for the server's share.
@@ -48,7 +51,9 @@ fn micros() -> u64 {
 }
 
 struct Node {
-    child: Child,
+    /// None when attached to a node started elsewhere.
+    child: Option<Child>,
+    pid: u32,
     addr: SocketAddr,
 }
 
@@ -90,11 +95,23 @@ impl Node {
             .expect("node reports its address")
             .parse()
             .expect("a socket address");
-        Node { child, addr }
+        Node {
+            pid: child.id(),
+            child: Some(child),
+            addr,
+        }
+    }
+
+    fn attach(addr: SocketAddr, pid: u32) -> Node {
+        Node {
+            child: None,
+            pid,
+            addr,
+        }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Resident set size in KiB.
@@ -124,10 +141,12 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -318,7 +337,14 @@ async fn main() {
     let token =
         switchyard::auth::mint(&config, "bench", Duration::from_secs(3600), caps).expect("a token");
 
-    let node = Node::start();
+    let node = match std::env::var("BENCH_NODE") {
+        // An already running node (e.g. under a profiler): BENCH_NODE=ADDR, BENCH_NODE_PID=PID.
+        Ok(addr) => Node::attach(
+            addr.parse().expect("BENCH_NODE is host:port"),
+            env_num("BENCH_NODE_PID", 0) as u32,
+        ),
+        Err(_) => Node::start(),
+    };
     println!(
         "switchyard bench: node pid {} on {} (CPU 0), load generator on this process",
         node.pid(),

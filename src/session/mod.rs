@@ -17,6 +17,8 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::auth::{Identity, Permission};
 use crate::channel::Channel;
@@ -108,6 +110,35 @@ pub async fn serve(
     device: Option<String>,
     slot: ConnectionSlot,
 ) {
+    // Unwrap hyper's upgrade to the TCP stream: its owned halves need no shared lock,
+    // and hyper's HTTP buffers are freed. Bytes hyper read past the handshake come first.
+    match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            // Copy out: even an empty slice would pin hyper's whole read buffer.
+            let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
+            drop(parts.read_buf);
+            let read = std::io::Cursor::new(early).chain(read);
+            run(node, read, write, identity, device, slot).await
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            run(node, read, write, identity, device, slot).await
+        }
+    }
+}
+
+async fn run<R, W>(
+    node: Arc<Node>,
+    read_io: R,
+    write_io: W,
+    identity: Identity,
+    device: Option<String>,
+    slot: ConnectionSlot,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = &node.config.session;
     let outbox = Arc::new(Outbox::new(
         cfg.outbox_messages,
@@ -130,7 +161,6 @@ pub async fn serve(
         },
     ));
 
-    let (read_io, write_io) = tokio::io::split(io);
     // Only the read half of fastwebsockets is used: the writer batches frames itself.
     let (mut reader, _) =
         fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
