@@ -205,16 +205,6 @@ impl Hub {
             }
         }
     }
-
-    /// Local subscriptions to `channel`.
-    pub fn subscribers(&self, channel: &Channel) -> usize {
-        self.channels.read().get(channel).map_or(0, Vec::len)
-    }
-
-    /// Channels with at least one local subscriber.
-    pub fn channel_count(&self) -> usize {
-        self.channels.read().len()
-    }
 }
 
 impl LiveSink for Hub {

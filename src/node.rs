@@ -124,11 +124,11 @@ impl Node {
         !self.shutdown.is_draining()
     }
 
-    /// Resolves once no client connection is open.
-    pub async fn all_closed(&self) {
+    /// Resolves once at most `n` client connections are open.
+    pub async fn connections_at_most(&self, n: usize) {
         loop {
             let released = self.released.notified();
-            if self.connection_count() == 0 {
+            if self.connection_count() <= n {
                 return;
             }
             released.await;

@@ -100,12 +100,7 @@ async fn publish_broadcast_and_history() {
     )
     .await;
     assert_eq!(s, 200);
-    let seqs: Vec<u64> = h["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = publication_seqs(&h);
     assert_eq!(seqs, vec![seq, results[0]["seq"].as_u64().unwrap()]);
     let epoch = h["position"]["epoch"].as_str().unwrap();
     let (s, h) = http(

@@ -341,23 +341,13 @@ async fn history_presence_join_leave_and_unsubscribe() {
             "history",
         )
         .await;
-    let hs: Vec<u64> = h["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
+    let hs = publication_seqs(&h);
     assert_eq!(hs, seqs[2..].to_vec());
     let epoch = h["position"]["epoch"].as_str().unwrap();
     let h = a
         .call(json!({"type": "history", "channel": "chat.room.7", "since": {"seq": seqs[0], "epoch": epoch}}), "history")
         .await;
-    let hs: Vec<u64> = h["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
+    let hs = publication_seqs(&h);
     assert_eq!(hs, seqs[1..].to_vec());
     assert_eq!(h["publications"][0]["data"], 1);
 

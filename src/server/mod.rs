@@ -105,7 +105,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
             node.shutdown.wait().await;
             tracing::info!(connections = node.connection_count(), "draining");
             let timeout = node.config.server.drain_timeout;
-            if tokio::time::timeout(timeout, node.all_closed())
+            if tokio::time::timeout(timeout, node.connections_at_most(0))
                 .await
                 .is_err()
             {

@@ -165,7 +165,8 @@ async fn run<R, W>(
     let (mut reader, _) =
         fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
     reader.set_max_message_size(cfg.max_frame_bytes);
-    reader.set_auto_pong(true);
+    // Pings are answered here, not by fastwebsockets, so they count against the rate limit.
+    reader.set_auto_pong(false);
     reader.set_auto_close(true);
 
     let writer = tokio::spawn(writer::run(
@@ -195,12 +196,9 @@ async fn run<R, W>(
 
     let control = Arc::clone(&outbox);
     let mut send_fn = move |frame: fastwebsockets::Frame<'_>| {
-        match frame.opcode {
-            OpCode::Pong => {
-                control.push_control(writer::pong(&frame.payload));
-            }
-            OpCode::Close => control.close(close::NORMAL, "", false),
-            _ => {}
+        // The only obligated send left is the echo of the client's close.
+        if frame.opcode == OpCode::Close {
+            control.close(close::NORMAL, "", false);
         }
         std::future::ready(Ok::<(), std::io::Error>(()))
     };
@@ -234,6 +232,12 @@ async fn run<R, W>(
             }
         };
         session.link.touch();
+        if frame.opcode != OpCode::Pong
+            && frame.opcode != OpCode::Close
+            && !session.within_rate(frame.payload.len())
+        {
+            continue;
+        }
         match frame.opcode {
             OpCode::Text if frame.fin => match std::str::from_utf8(&frame.payload) {
                 Ok(text) => session.on_text(text).await,
@@ -258,7 +262,10 @@ async fn run<R, W>(
                 break;
             }
             OpCode::Close => break,
-            OpCode::Ping | OpCode::Pong => {}
+            OpCode::Ping => {
+                outbox.push_control(writer::pong(&frame.payload));
+            }
+            OpCode::Pong => {}
         }
     }
 
@@ -291,23 +298,28 @@ impl Session {
             .push_reply(protocol::error_frame(id, code, reason));
     }
 
-    async fn on_text(&mut self, text: &str) {
-        if !self.limiter.allow(text.len()) {
-            self.violations += 1;
-            if self.violations > self.node.config.session.rate_violations_before_close {
-                self.link
-                    .outbox
-                    .close(close::RATE_LIMIT, "rate limit exceeded repeatedly", true);
-            } else {
-                self.reply_error(
-                    None,
-                    code::RATE_LIMITED,
-                    "rate limit exceeded; frame dropped",
-                );
-            }
-            return;
+    /// Charges one inbound frame to the rate limit; a refused frame is answered
+    /// with error 110, and sustained abuse closes the connection with 4009.
+    fn within_rate(&mut self, len: usize) -> bool {
+        if self.limiter.allow(len) {
+            self.violations = self.violations.saturating_sub(1);
+            return true;
         }
-        self.violations = self.violations.saturating_sub(1);
+        self.violations += 1;
+        if self.violations > self.node.config.session.rate_violations_before_close {
+            let why = "rate limit exceeded repeatedly";
+            self.link.outbox.close(close::RATE_LIMIT, why, true);
+        } else {
+            self.reply_error(
+                None,
+                code::RATE_LIMITED,
+                "rate limit exceeded; frame dropped",
+            );
+        }
+        false
+    }
+
+    async fn on_text(&mut self, text: &str) {
         let (id, command) = match protocol::parse(text) {
             Ok(parsed) => parsed,
             Err(rej) => {

@@ -449,6 +449,16 @@ pub async fn http_on(
     (status, body)
 }
 
+/// The `seq`s of a `history` reply's publications (frame or API body).
+pub fn publication_seqs(reply: &Value) -> Vec<u64> {
+    reply["publications"]
+        .as_array()
+        .expect("a publications list")
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("a seq"))
+        .collect()
+}
+
 /// Publishes through the server API.
 pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
     let body = json!({"channel": channel, "data": data}).to_string();
