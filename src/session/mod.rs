@@ -1,9 +1,11 @@
 //! One client connection: the reader that parses and executes client frames,
 //! the writer task that drains the outbox, and the cleanup when either ends.
 //!
-//! fastwebsockets' `read_frame` is not cancel-safe, so reading cannot share a
-//! `select!` with writing: each connection runs a reader and a writer task.
+//! The reader executes commands one at a time (a command may await the engine);
+//! the writer keeps sending publications and heartbeats meanwhile, so each
+//! connection runs a reader and a writer task.
 
+pub mod frame_reader;
 pub mod outbox;
 pub mod rate_limit;
 pub mod writer;
@@ -12,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fastwebsockets::{OpCode, Role, WebSocketError};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -30,9 +31,10 @@ use crate::engine::{
 use crate::hub::Subscription;
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{self, close, code, Command};
+use frame_reader::{FrameReader, OpCode, ReadError};
 use outbox::Outbox;
 use rate_limit::RateLimiter;
-use writer::{Link, WriterConfig};
+use writer::Link;
 
 /// An error answered to one request.
 struct Failure {
@@ -67,8 +69,9 @@ type Outcome = Result<(), Failure>;
 pub struct Session {
     node: Arc<Node>,
     link: Arc<Link>,
-    conn_id: String,
-    device: String,
+    conn_id: Arc<str>,
+    /// Shares the connection id's allocation when the client names no device.
+    device: Arc<str>,
     identity: Identity,
     subs: HashMap<Channel, Arc<Subscription>>,
     limiter: RateLimiter,
@@ -146,8 +149,8 @@ async fn run<R, W>(
         cfg.conflate_backlog,
     ));
     let link = Arc::new(Link::new(Arc::clone(&outbox), identity.expires_at));
-    let conn_id = format!("{}-{:012x}", node.id, fastrand::u64(..1 << 48));
-    let device = device.unwrap_or_else(|| conn_id.clone());
+    let conn_id: Arc<str> = Arc::from(format!("{}-{:012x}", node.id, fastrand::u64(..1 << 48)));
+    let device = device.map_or_else(|| Arc::clone(&conn_id), Arc::from);
 
     outbox.push_reply(protocol::reply(
         "welcome",
@@ -161,26 +164,9 @@ async fn run<R, W>(
         },
     ));
 
-    // Only the read half of fastwebsockets is used: the writer batches frames itself.
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read_io, tokio::io::sink(), Role::Server);
-    reader.set_max_message_size(cfg.max_frame_bytes);
-    // Pings are answered here, not by fastwebsockets, so they count against the rate limit.
-    reader.set_auto_pong(false);
-    reader.set_auto_close(true);
+    let mut reader = FrameReader::new(read_io, cfg.max_frame_bytes);
 
-    let writer = tokio::spawn(writer::run(
-        write_io,
-        Arc::clone(&link),
-        WriterConfig {
-            ping_interval: cfg.ping_interval,
-            idle_timeout: cfg.idle_timeout,
-            expiring_notice: node.config.auth.expiring_notice,
-            write_timeout: cfg.write_timeout,
-            reconnect_jitter: node.config.server.reconnect_jitter,
-        },
-        node.shutdown.clone(),
-    ));
+    let writer = tokio::spawn(writer::run(write_io, Arc::clone(&link), Arc::clone(&node)));
 
     let mut session = Session {
         limiter: RateLimiter::new(cfg),
@@ -194,40 +180,24 @@ async fn run<R, W>(
     };
     tracing::debug!(conn = %session.conn_id, user = %session.identity.user, "connected");
 
-    let control = Arc::clone(&outbox);
-    let mut send_fn = move |frame: fastwebsockets::Frame<'_>| {
-        // The only obligated send left is the echo of the client's close.
-        if frame.opcode == OpCode::Close {
-            control.close(close::NORMAL, "", false);
-        }
-        std::future::ready(Ok::<(), std::io::Error>(()))
-    };
-
     loop {
         let frame = tokio::select! {
-            frame = reader.read_frame(&mut send_fn) => frame,
+            frame = reader.read_frame() => frame,
             _ = outbox.closing() => break,
         };
         let frame = match frame {
             Ok(frame) => frame,
-            Err(WebSocketError::FrameTooLarge) => {
+            Err(ReadError::TooLarge) => {
                 outbox.close(close::FRAME_TOO_LARGE, "frame too large", true);
                 break;
             }
-            Err(
-                WebSocketError::UnexpectedEOF
-                | WebSocketError::ConnectionClosed
-                | WebSocketError::IoError(_),
-            ) => {
+            Err(ReadError::Closed) => {
                 outbox.close(close::NORMAL, "", false);
                 break;
             }
-            Err(e) => {
-                outbox.close(
-                    close::PROTOCOL_VIOLATION,
-                    &format!("protocol violation: {e}"),
-                    true,
-                );
+            Err(ReadError::Protocol(why)) => {
+                let reason = format!("protocol violation: {why}");
+                outbox.close(close::PROTOCOL_VIOLATION, &reason, true);
                 break;
             }
         };
@@ -240,7 +210,11 @@ async fn run<R, W>(
         }
         match frame.opcode {
             OpCode::Text if frame.fin => match std::str::from_utf8(&frame.payload) {
-                Ok(text) => session.on_text(text).await,
+                Ok(text) => {
+                    // Boxed: command handling is the largest state of this task; an idle
+                    // connection should not carry it.
+                    Box::pin(session.on_text(text)).await
+                }
                 Err(_) => {
                     outbox.close(close::PROTOCOL_VIOLATION, "invalid UTF-8", true);
                     break;
@@ -261,7 +235,11 @@ async fn run<R, W>(
                 );
                 break;
             }
-            OpCode::Close => break,
+            OpCode::Close => {
+                // Answer the client's close; what is queued is of no use to it now.
+                outbox.close(close::NORMAL, "", false);
+                break;
+            }
             OpCode::Ping => {
                 outbox.push_control(writer::pong(&frame.payload));
             }
@@ -269,13 +247,25 @@ async fn run<R, W>(
         }
     }
 
+    // Boxed: the end of a connection is its rarest path and should not size the
+    // state every idle connection carries.
+    Box::pin(finish(session, reader, writer, slot)).await;
+}
+
+/// Unsubscribes, completes the closing handshake and waits for the writer.
+async fn finish<R: AsyncRead + Unpin>(
+    mut session: Session,
+    mut reader: FrameReader<R>,
+    writer: tokio::task::JoinHandle<()>,
+    slot: ConnectionSlot,
+) {
     session.cleanup().await;
     // Closing handshake: keep reading (and discarding) until the client answers our
     // close or goes away. Dropping a socket with unread input makes the kernel send a
     // reset, which would destroy the close frame still on its way to the client.
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         loop {
-            match reader.read_frame(&mut send_fn).await {
+            match reader.read_frame().await {
                 Ok(frame) if frame.opcode == OpCode::Close => break,
                 Ok(_) => {}
                 Err(_) => break,
@@ -483,9 +473,9 @@ impl Session {
 
     async fn join_presence(&self, channel: &Channel, ns: &NamespaceConfig) {
         let info = ClientInfo {
-            conn_id: self.conn_id.clone(),
+            conn_id: self.conn_id.to_string(),
             user: self.identity.user.to_string(),
-            device: self.device.clone(),
+            device: self.device.to_string(),
             node: self.node.id.clone(),
             since: unix_ms(),
         };

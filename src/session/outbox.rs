@@ -217,8 +217,8 @@ impl Outbox {
             }
             out.push(item);
         }
-        if st.queue.is_empty() && st.queue.capacity() > 64 {
-            // A burst grew the queue; give the memory back once it has drained.
+        if st.queue.is_empty() {
+            // Drained: an idle connection keeps no queue allocation.
             st.queue = VecDeque::new();
         }
         match &st.closing {

@@ -12,8 +12,8 @@ use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::outbox::{Batch, Closing, Item, Outbox};
+use crate::node::Node;
 use crate::protocol::{self, close};
-use crate::shutdown::Shutdown;
 
 /// Most items taken from the outbox per write.
 const BATCH_ITEMS: usize = 256;
@@ -51,15 +51,6 @@ impl Link {
     fn last_inbound(&self) -> Instant {
         self.start + Duration::from_millis(self.last_inbound.load(Ordering::Relaxed))
     }
-}
-
-/// The writer's timers and limits.
-pub struct WriterConfig {
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-    pub expiring_notice: Duration,
-    pub write_timeout: Duration,
-    pub reconnect_jitter: Duration,
 }
 
 #[derive(Serialize)]
@@ -102,20 +93,20 @@ fn unix_deadline(unix_secs: u64, now: Instant) -> Instant {
 }
 
 /// Runs until the connection is closed or the socket fails.
-pub async fn run<W: AsyncWrite + Unpin>(
-    mut io: W,
-    link: Arc<Link>,
-    cfg: WriterConfig,
-    shutdown: Shutdown,
-) {
+pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<Node>) {
+    // Read from the node's config rather than copied: this future is per connection.
+    let cfg = &node.config.session;
+    let shutdown = &node.shutdown;
+    let reconnect_jitter = node.config.server.reconnect_jitter;
+    let expiring_notice = node.config.auth.expiring_notice;
     let outbox = &link.outbox;
-    let mut items: Vec<Item> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut next_ping = Instant::now() + cfg.ping_interval;
     let mut draining = false;
     loop {
+        let mut items = Vec::new();
         let batch = outbox.take(&mut items, BATCH_ITEMS);
-        for item in items.drain(..) {
+        for item in items {
             match item {
                 Item::Text(bytes) => encode_frame(&mut buf, OpCode::Text, &bytes),
                 Item::Conflated(sub) => {
@@ -158,15 +149,13 @@ pub async fn run<W: AsyncWrite + Unpin>(
         if !outbox.is_empty() {
             continue;
         }
-        if buf.capacity() > 0 {
-            // Idle connections should cost almost nothing: give the batch buffer back.
-            buf = Vec::new();
-        }
+        // Idle connections should cost almost nothing: give the batch buffer back.
+        buf = Vec::new();
 
         let now = Instant::now();
         let idle_deadline = link.last_inbound() + cfg.idle_timeout;
         let expires_at = unix_deadline(link.expires_at.load(Ordering::Relaxed), now);
-        let notice_at = expires_at.checked_sub(cfg.expiring_notice).unwrap_or(now);
+        let notice_at = expires_at.checked_sub(expiring_notice).unwrap_or(now);
         let mut deadline = next_ping.min(idle_deadline).min(expires_at);
         if !link.expiring_sent.load(Ordering::Relaxed) {
             deadline = deadline.min(notice_at);
@@ -181,7 +170,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 } else if now >= expires_at {
                     outbox.close(close::TOKEN_EXPIRED, "token expired", true);
                 } else {
-                    let notice_at = expires_at.checked_sub(cfg.expiring_notice).unwrap_or(now);
+                    let notice_at = expires_at.checked_sub(expiring_notice).unwrap_or(now);
                     if now >= notice_at && !link.expiring_sent.swap(true, Ordering::Relaxed) {
                         let in_ms = expires_at.saturating_duration_since(now).as_millis() as u64;
                         outbox.push_reply(protocol::reply("expiring", None, InMs { in_ms }));
@@ -194,7 +183,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
             _ = shutdown.wait(), if !draining => {
                 draining = true;
-                let jitter = cfg.reconnect_jitter.as_millis() as u64;
+                let jitter = reconnect_jitter.as_millis() as u64;
                 let after_ms = if jitter == 0 { 0 } else { fastrand::u64(..=jitter) };
                 outbox.push_reply(protocol::reply("reconnect", None, AfterMs { after_ms }));
                 outbox.close(close::SHUTTING_DOWN, "node shutting down", true);
