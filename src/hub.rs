@@ -174,27 +174,24 @@ impl Hub {
         Arc::new(Hub::default())
     }
 
-    /// Adds a subscription; returns true when it is the channel's first on this node.
-    pub fn add(&self, sub: Arc<Subscription>) -> bool {
-        let mut map = self.channels.write();
-        let list = map.entry(sub.channel.clone()).or_default();
-        list.push(sub);
-        list.len() == 1
+    /// Adds a subscription.
+    pub fn add(&self, sub: Arc<Subscription>) {
+        self.channels
+            .write()
+            .entry(sub.channel.clone())
+            .or_default()
+            .push(sub);
     }
 
-    /// Removes a subscription; returns true when the channel has no local subscribers left.
-    pub fn remove(&self, channel: &Channel, id: u64) -> bool {
+    /// Removes a subscription.
+    pub fn remove(&self, channel: &Channel, id: u64) {
         let mut map = self.channels.write();
-        let Some(list) = map.get_mut(channel) else {
-            return false;
-        };
-        let before = list.len();
-        list.retain(|s| s.id != id);
-        if list.is_empty() {
-            map.remove(channel);
-            return before > 0;
+        if let Some(list) = map.get_mut(channel) {
+            list.retain(|s| s.id != id);
+            if list.is_empty() {
+                map.remove(channel);
+            }
         }
-        false
     }
 
     /// Sends a non-publication frame (join/leave) to the channel's live subscribers.
@@ -333,7 +330,7 @@ mod tests {
             hub.deliver(&publication(&ch, seq));
         }
         sub.cancel();
-        assert!(hub.remove(&ch, sub.id), "last subscriber gone");
+        hub.remove(&ch, sub.id);
         hub.deliver(&publication(&ch, 21));
         assert_eq!(
             seqs(&drain(&outbox)),

@@ -299,9 +299,12 @@ impl Broker for MemoryBroker {
         Box::pin(async move { result })
     }
 
-    fn interest(&self, _channel: &Channel, _interested: bool) {
+    fn watch<'a>(&'a self, _channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>> {
         // Every publication already passes through this process's hub.
+        Box::pin(async { Ok(()) })
     }
+
+    fn unwatch(&self, _channel: &Channel) {}
 }
 
 /// Presence of the memory engine.

@@ -169,8 +169,12 @@ pub trait Broker: Send + Sync {
         from: HistoryFrom,
         limit: usize,
     ) -> BoxFuture<'a, Result<HistoryPage, EngineError>>;
-    /// This node gained its first (`true`) or lost its last (`false`) local subscriber.
-    fn interest(&self, channel: &Channel, interested: bool);
+    /// Counts one more local subscription to `channel`; resolves once live
+    /// publications of the channel reach this node's hub, so history read after it
+    /// overlaps live delivery instead of leaving a gap.
+    fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// Releases one successful `watch`.
+    fn unwatch(&self, channel: &Channel);
 }
 
 /// One connection as presence records it.

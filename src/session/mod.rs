@@ -427,13 +427,16 @@ impl Session {
             ns.conflate,
             buffer_limit,
         );
-        if self.node.hub.add(Arc::clone(&sub)) {
-            engine.broker.interest(&channel, true);
+        self.node.hub.add(Arc::clone(&sub));
+        if let Err(e) = engine.broker.watch(&channel).await {
+            self.drop_from_hub(&sub);
+            return Err(e.into());
         }
         let page = match engine.broker.history(&channel, from, ns.max_replay).await {
             Ok(page) => page,
             Err(e) => {
                 self.drop_from_hub(&sub);
+                engine.broker.unwatch(&channel);
                 return Err(e.into());
             }
         };
@@ -466,9 +469,7 @@ impl Session {
 
     fn drop_from_hub(&self, sub: &Arc<Subscription>) {
         sub.cancel();
-        if self.node.hub.remove(&sub.channel, sub.id) {
-            self.node.engine.broker.interest(&sub.channel, false);
-        }
+        self.node.hub.remove(&sub.channel, sub.id);
     }
 
     async fn join_presence(&self, channel: &Channel, ns: &NamespaceConfig) {
@@ -499,6 +500,7 @@ impl Session {
 
     async fn leave(&self, sub: &Arc<Subscription>) {
         self.drop_from_hub(sub);
+        self.node.engine.broker.unwatch(&sub.channel);
         if let Some(ns) = self.node.namespace(sub.channel.namespace()) {
             if ns.presence {
                 if let Err(e) = self
