@@ -24,11 +24,11 @@ run: build
 build:
 	cargo build --release --bin switchyard
 
-## Format check, lints as errors, every test.
-test:
+## Format check, lints as errors, every test (cluster tests run a real nats-server).
+test: $(NATS_SERVER)
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
-	cargo test --all-targets
+	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets
 
 fmt:
 	cargo fmt --all

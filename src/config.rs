@@ -21,6 +21,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub api: ApiConfig,
     pub engine: EngineConfig,
+    pub nats: NatsConfig,
     pub log: LogConfig,
     /// Options per channel namespace (the first token of a channel name).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -167,6 +168,39 @@ pub enum EngineKind {
     /// In-process broker and presence: one node.
     #[default]
     Memory,
+    /// NATS JetStream carries publications between nodes; presence stays node-local.
+    Nats,
+}
+
+/// The NATS JetStream backbone (`engine.kind = "nats"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Create or update the streams at start; when false, only check they exist.
+    pub provision: bool,
+    /// Stream names are `<stream_prefix><NAMESPACE>`.
+    pub stream_prefix: String,
+    /// Publications are stored on `<subject_prefix>.<channel>`.
+    pub subject_prefix: String,
+    /// Streams republish to `<live_prefix>.<channel>`, which nodes subscribe to.
+    pub live_prefix: String,
+    /// A publish or history request that takes longer fails with a retryable error.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            provision: true,
+            stream_prefix: "SY_".into(),
+            subject_prefix: "sy".into(),
+            live_prefix: "live".into(),
+            request_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// Logging output.

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use crate::auth::Verifier;
 use crate::config::{Config, ConfigError, EngineKind, NamespaceConfig};
 use crate::engine::memory::{MemoryBroker, MemoryCursors, MemoryPresence};
+use crate::engine::nats::NatsBroker;
 use crate::engine::Engine;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
@@ -58,8 +59,8 @@ impl Drop for ConnectionSlot {
 }
 
 impl Node {
-    /// Builds a node (and its engine) from a validated config. Needs a tokio runtime.
-    pub fn new(config: Config) -> Result<Arc<Node>, ConfigError> {
+    /// Builds a node and connects its engine, from a validated config.
+    pub async fn new(config: Config) -> Result<Arc<Node>, ConfigError> {
         let verifier = Verifier::from_config(&config.auth)?;
         let hub = Hub::new();
         let engine = match config.engine.kind {
@@ -72,6 +73,12 @@ impl Node {
                     cursors: Arc::new(MemoryCursors::default()),
                 }
             }
+            // Presence and cursors stay node-local until the Redis engine (issue 4).
+            EngineKind::Nats => Engine {
+                broker: NatsBroker::connect(&config, hub.clone()).await?,
+                presence: Arc::new(MemoryPresence::default()),
+                cursors: Arc::new(MemoryCursors::default()),
+            },
         };
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..0x100_0000))

@@ -2,16 +2,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-const PUBLISHERS: usize = 4;
-const PER_PUBLISHER: usize = 600;
-const SUBSCRIBERS: usize = 10;
-const ROUNDS: usize = 3;
 
 /// Publishers race on one channel while subscribers join at random positions
 /// and reconnect from where they stopped: each sees exactly the channel's
@@ -19,94 +13,7 @@ const ROUNDS: usize = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_has_no_gap_and_no_duplicate_under_concurrent_publishers() {
     let gw = start(config()).await;
-    let addr = gw.addr;
-    let channel = "open.seam";
-    let total = (PUBLISHERS * PER_PUBLISHER) as u64;
-
-    // The probe is subscribed before anything is published: it sees the whole channel.
-    let mut probe = connect_as(addr, "probe", &[]).await;
-    let sub = probe.subscribe(channel).await;
-    let epoch = sub["position"]["epoch"].as_str().unwrap().to_string();
-    let probe_task = tokio::spawn(async move {
-        let mut seen: Vec<(u64, Value)> = Vec::new();
-        while seen.len() < total as usize {
-            let m = probe.recv_type("msg").await;
-            seen.push((m["seq"].as_u64().unwrap(), m["data"].clone()));
-        }
-        seen
-    });
-
-    let mut publishers = Vec::new();
-    for p in 0..PUBLISHERS {
-        publishers.push(tokio::spawn(async move {
-            let mut c = connect_as(addr, &format!("pub{p}"), &[]).await;
-            for i in 0..PER_PUBLISHER {
-                c.publish(channel, json!({"p": p, "i": i})).await;
-            }
-        }));
-    }
-
-    let mut subscribers = Vec::new();
-    for s in 0..SUBSCRIBERS {
-        let epoch = epoch.clone();
-        subscribers.push(tokio::spawn(async move {
-            let first_since = fastrand::u64(0..total / 2);
-            let mut since = first_since;
-            let mut got: Vec<(u64, Value)> = Vec::new();
-            for round in 0..ROUNDS {
-                // Spread the joins over the publishing period.
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40))).await;
-                let mut c = connect_as(addr, &format!("sub{s}"), &[]).await;
-                let r = c
-                    .call(json!({"type": "subscribe", "channel": channel, "since": {"seq": since, "epoch": epoch}}), "subscribed")
-                    .await;
-                assert_eq!(r["recovered"], true, "history covers the whole test: {r}");
-                let quota = if round + 1 == ROUNDS { usize::MAX } else { fastrand::usize(1..400) };
-                let mut n = 0;
-                while n < quota && since < total {
-                    let m = c.recv_type("msg").await;
-                    let seq = m["seq"].as_u64().unwrap();
-                    assert!(seq > since, "sub{s} round {round}: seq {seq} after {since}");
-                    since = seq;
-                    got.push((seq, m["data"].clone()));
-                    n += 1;
-                }
-            }
-            (first_since, got)
-        }));
-    }
-
-    for p in publishers {
-        p.await.unwrap();
-    }
-    let seen = probe_task.await.unwrap();
-    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
-    assert_eq!(
-        seqs,
-        (1..=total).collect::<Vec<_>>(),
-        "probe sees every seq in order"
-    );
-    let data: HashMap<u64, Value> = seen.into_iter().collect();
-
-    for (i, s) in subscribers.into_iter().enumerate() {
-        let (first_since, got) = s.await.unwrap();
-        let expected: Vec<u64> = (first_since + 1..=total).collect();
-        let got_seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        if let Some(at) =
-            (0..expected.len().max(got_seqs.len())).find(|&k| expected.get(k) != got_seqs.get(k))
-        {
-            panic!(
-                "subscriber {i} from {first_since}: first difference at index {at}: expected {:?}, got {:?} ({} expected, {} got)",
-                expected.get(at),
-                got_seqs.get(at),
-                expected.len(),
-                got_seqs.len()
-            );
-        }
-        for (seq, d) in &got {
-            assert_eq!(&data[seq], d, "subscriber {i}: data of seq {seq}");
-        }
-    }
+    seam_check(vec![gw.addr], "open.seam").await;
 }
 
 async fn subscribe_since(

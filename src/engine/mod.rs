@@ -5,6 +5,7 @@
 //! behind the same traits, so sessions and the hub never know which one runs.
 
 pub mod memory;
+pub mod nats;
 
 use std::future::Future;
 use std::pin::Pin;

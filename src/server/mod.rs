@@ -92,7 +92,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ConfigError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ConfigError(format!("`server.listen`: {e}")))?;
-    let node = Node::new(config)?;
+    let node = Node::new(config).await?;
     let task = tokio::spawn(run(Arc::clone(&node), listener));
     Ok(RunningServer { addr, node, task })
 }

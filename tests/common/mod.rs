@@ -2,6 +2,7 @@
 //! clients (tokio-tungstenite, an independent implementation of RFC 6455).
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -473,4 +474,187 @@ pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
     .await;
     assert_eq!(status, 200, "{v}");
     v["seq"].as_u64().unwrap()
+}
+
+/// A real `nats-server -js` on free loopback ports with a temporary store, stopped by PID.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts the binary named by `NATS_SERVER`, else `.venv/bin/nats-server` (installed
+    /// by `make test`), else `nats-server` on the PATH.
+    pub fn start() -> NatsServer {
+        use std::io::{BufRead, BufReader};
+        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| {
+            let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/nats-server");
+            if std::path::Path::new(local).exists() {
+                local.to_string()
+            } else {
+                "nats-server".to_string()
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("nats.conf");
+        let store = dir.path().join("js");
+        std::fs::write(
+            &conf,
+            format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n", store.display()),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (make test installs it): {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(WAIT).expect("nats-server becomes ready");
+        NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node config on the NATS engine.
+pub fn cluster_config(nats: &NatsServer, node: &str) -> Config {
+    let mut c = config();
+    c.engine.kind = switchyard::config::EngineKind::Nats;
+    c.nats.url = nats.url.clone();
+    c.server.node_id = node.to_string();
+    c
+}
+
+const SEAM_PUBLISHERS: usize = 4;
+const SEAM_PER_PUBLISHER: usize = 600;
+const SEAM_SUBSCRIBERS: usize = 10;
+const SEAM_ROUNDS: usize = 3;
+
+/// The seam check (DESIGN §4.2): SEAM_PUBLISHERS race on `channel` through the
+/// nodes at `addrs` while subscribers join any node at random `since` positions
+/// and reconnect to random nodes from where they stopped. Each must see exactly
+/// the channel's publications after its first `since`, in order, with the data a
+/// probe subscribed from the start saw. The channel must be alone in a fresh
+/// namespace stream, so its seqs are 1..=total.
+pub async fn seam_check(addrs: Vec<SocketAddr>, channel: &'static str) {
+    let addr = addrs[0];
+    let total = (SEAM_PUBLISHERS * SEAM_PER_PUBLISHER) as u64;
+
+    // The probe is subscribed before anything is published: it sees the whole channel.
+    let mut probe = connect_as(addr, "probe", &[]).await;
+    let sub = probe.subscribe(channel).await;
+    let epoch = sub["position"]["epoch"].as_str().unwrap().to_string();
+    let probe_task = tokio::spawn(async move {
+        let mut seen: Vec<(u64, Value)> = Vec::new();
+        while seen.len() < total as usize {
+            let m = probe.recv_type("msg").await;
+            seen.push((m["seq"].as_u64().unwrap(), m["data"].clone()));
+        }
+        seen
+    });
+
+    let mut publishers = Vec::new();
+    for p in 0..SEAM_PUBLISHERS {
+        let addr = addrs[p % addrs.len()];
+        publishers.push(tokio::spawn(async move {
+            let mut c = connect_as(addr, &format!("pub{p}"), &[]).await;
+            for i in 0..SEAM_PER_PUBLISHER {
+                c.publish(channel, json!({"p": p, "i": i})).await;
+            }
+        }));
+    }
+
+    let mut subscribers = Vec::new();
+    for s in 0..SEAM_SUBSCRIBERS {
+        let epoch = epoch.clone();
+        let addrs = addrs.clone();
+        subscribers.push(tokio::spawn(async move {
+            let first_since = fastrand::u64(0..total / 2);
+            let mut since = first_since;
+            let mut got: Vec<(u64, Value)> = Vec::new();
+            for round in 0..SEAM_ROUNDS {
+                // Spread the joins over the publishing period.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40))).await;
+                // Each round on any node.
+                let addr = addrs[fastrand::usize(..addrs.len())];
+                let mut c = connect_as(addr, &format!("sub{s}"), &[]).await;
+                let r = c
+                    .call(json!({"type": "subscribe", "channel": channel, "since": {"seq": since, "epoch": epoch}}), "subscribed")
+                    .await;
+                assert_eq!(r["recovered"], true, "history covers the whole test: {r}");
+                let quota = if round + 1 == SEAM_ROUNDS { usize::MAX } else { fastrand::usize(1..400) };
+                let mut n = 0;
+                while n < quota && since < total {
+                    let m = c.recv_type("msg").await;
+                    let seq = m["seq"].as_u64().unwrap();
+                    assert!(seq > since, "sub{s} round {round}: seq {seq} after {since}");
+                    since = seq;
+                    got.push((seq, m["data"].clone()));
+                    n += 1;
+                }
+            }
+            (first_since, got)
+        }));
+    }
+
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let seen = probe_task.await.unwrap();
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "probe sees every seq in order"
+    );
+    let data: HashMap<u64, Value> = seen.into_iter().collect();
+
+    for (i, s) in subscribers.into_iter().enumerate() {
+        let (first_since, got) = s.await.unwrap();
+        let expected: Vec<u64> = (first_since + 1..=total).collect();
+        let got_seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        if let Some(at) =
+            (0..expected.len().max(got_seqs.len())).find(|&k| expected.get(k) != got_seqs.get(k))
+        {
+            panic!(
+                "subscriber {i} from {first_since}: first difference at index {at}: expected {:?}, got {:?} ({} expected, {} got)",
+                expected.get(at),
+                got_seqs.get(at),
+                expected.len(),
+                got_seqs.len()
+            );
+        }
+        for (seq, d) in &got {
+            assert_eq!(&data[seq], d, "subscriber {i}: data of seq {seq}");
+        }
+    }
 }

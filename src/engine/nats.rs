@@ -1,0 +1,445 @@
+//! The cluster broker on NATS JetStream (DESIGN §5): one stream per namespace
+//! stores and orders publications, republishes them to a live subject, and every
+//! node subscribes to the live subjects its local clients need.
+//!
+//! A channel's live task checks that each republished message chains to the
+//! previous one of the same subject (`Nats-Last-Sequence`); when it does not, the
+//! missing publications are fetched from the stream before anything later is
+//! delivered, so a node's hub always sees a channel complete and in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use super::memory::unix_ms;
+use super::{
+    BoxFuture, Broker, EngineError, HistoryFrom, HistoryPage, LiveSink, Position, Publication,
+    PublishRequest, Published,
+};
+use crate::channel::Channel;
+use crate::config::{Config, ConfigError, NatsConfig};
+
+/// Header with the publishing node's clock (Unix ms): the publication's `ts`.
+const TS_HEADER: &str = "Sy-Ts";
+/// Header with the publishing user.
+const FROM_HEADER: &str = "Sy-From";
+
+struct NamespaceStream {
+    stream: stream::Stream,
+    epoch: String,
+}
+
+struct Live {
+    refs: usize,
+    /// `Some(Ok)` once the live subscription is registered, `Some(Err)` if it failed.
+    ready: watch::Receiver<Option<Result<(), String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Broker of the NATS JetStream engine.
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    cfg: NatsConfig,
+    namespaces: HashMap<String, NamespaceStream>,
+    live: Mutex<HashMap<Channel, Live>>,
+    sink: Arc<dyn LiveSink>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("{what}: {e}"))
+}
+
+fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.as_str().parse().ok()
+}
+
+/// Rebuilds a publication from a stored or republished message.
+fn publication(
+    channel: &Channel,
+    seq: u64,
+    headers: Option<&HeaderMap>,
+    payload: &Bytes,
+) -> Option<Publication> {
+    let data: Box<RawValue> = serde_json::from_slice(payload).ok()?;
+    let ts = headers.and_then(|h| header_u64(h, TS_HEADER)).unwrap_or(0);
+    let from = headers
+        .and_then(|h| h.get(FROM_HEADER))
+        .map(|v| Arc::from(v.as_str()));
+    Some(Publication::new(channel.clone(), seq, ts, data, from))
+}
+
+impl NatsBroker {
+    /// Connects and provisions (or checks) one stream per configured namespace.
+    pub async fn connect(
+        config: &Config,
+        sink: Arc<dyn LiveSink>,
+    ) -> Result<Arc<NatsBroker>, ConfigError> {
+        let cfg = config.nats.clone();
+        let client = async_nats::ConnectOptions::new()
+            .request_timeout(Some(cfg.request_timeout))
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(|e| ConfigError(format!("`nats.url`: cannot connect to {}: {e}", cfg.url)))?;
+        let js = jetstream::new(client.clone());
+        let mut namespaces = HashMap::new();
+        for (name, ns) in &config.namespaces {
+            let stream_name = format!("{}{}", cfg.stream_prefix, name.to_uppercase());
+            let subjects = format!("{}.{name}.>", cfg.subject_prefix);
+            let stream_cfg = stream::Config {
+                name: stream_name.clone(),
+                subjects: vec![subjects.clone()],
+                max_messages_per_subject: ns.history_size as i64,
+                max_age: ns.history_ttl,
+                // JetStream refuses a dedupe window longer than the retention.
+                duplicate_window: ns.dedupe_window.min(ns.history_ttl),
+                allow_direct: true,
+                storage: stream::StorageType::File,
+                republish: Some(stream::Republish {
+                    source: subjects,
+                    destination: format!("{}.{name}.>", cfg.live_prefix),
+                    headers_only: false,
+                }),
+                ..Default::default()
+            };
+            let created = if cfg.provision {
+                js.create_or_update_stream(stream_cfg)
+                    .await
+                    .map_err(|e| {
+                        ConfigError(format!(
+                            "namespace {name}: cannot provision stream {stream_name}: {e}"
+                        ))
+                    })?
+                    .created
+            } else {
+                let mut s = js.get_stream(&stream_name).await.map_err(|e| {
+                    ConfigError(format!("namespace {name}: stream {stream_name} is missing (nats.provision = false): {e}"))
+                })?;
+                s.info()
+                    .await
+                    .map_err(|e| ConfigError(format!("stream {stream_name}: {e}")))?
+                    .created
+            };
+            let stream = js
+                .get_stream(&stream_name)
+                .await
+                .map_err(|e| ConfigError(format!("stream {stream_name}: {e}")))?;
+            // The stream's creation time names its incarnation: a recreated stream
+            // invalidates every position from the old one.
+            let epoch = format!("{stream_name}@{created}").replace(' ', "_");
+            namespaces.insert(name.clone(), NamespaceStream { stream, epoch });
+        }
+        Ok(Arc::new(NatsBroker {
+            client,
+            js,
+            cfg,
+            namespaces,
+            live: Mutex::new(HashMap::new()),
+            sink,
+        }))
+    }
+
+    fn namespace(&self, channel: &Channel) -> Result<&NamespaceStream, EngineError> {
+        self.namespaces.get(channel.namespace()).ok_or_else(|| {
+            EngineError::Rejected(format!("unknown namespace {:?}", channel.namespace()))
+        })
+    }
+
+    fn subject(&self, channel: &Channel) -> String {
+        format!("{}.{channel}", self.cfg.subject_prefix)
+    }
+
+    async fn publish_inner(&self, req: PublishRequest) -> Result<Published, EngineError> {
+        self.namespace(&req.channel)?;
+        let mut headers = HeaderMap::new();
+        if let Some(id) = &req.msg_id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        headers.insert(TS_HEADER, unix_ms().to_string().as_str());
+        if let Some(from) = &req.from {
+            headers.insert(FROM_HEADER, &**from);
+        }
+        let payload = Bytes::copy_from_slice(req.data.get().as_bytes());
+        let subject = self.subject(&req.channel);
+        let ack = tokio::time::timeout(self.cfg.request_timeout, async {
+            self.js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| unavailable("publish", e))?
+                .await
+                .map_err(|e| unavailable("publish", e))
+        })
+        .await
+        .map_err(|_| unavailable("publish", "no acknowledgement within nats.request_timeout"))??;
+        Ok(Published {
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn history_inner(
+        &self,
+        channel: &Channel,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> Result<HistoryPage, EngineError> {
+        let ns = self.namespace(channel)?;
+        let subject = self.subject(channel);
+        let deadline = self.cfg.request_timeout;
+        let get = |seq: u64| {
+            let subject = subject.clone();
+            async move {
+                match tokio::time::timeout(
+                    deadline,
+                    ns.stream.direct_get_next_for_subject(subject, Some(seq)),
+                )
+                .await
+                {
+                    Err(_) => Err(unavailable("history", "timed out")),
+                    Ok(Ok(m)) => Ok(Some(m)),
+                    Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    Ok(Err(e)) => Err(unavailable("history", e)),
+                }
+            }
+        };
+        let top = match tokio::time::timeout(
+            deadline,
+            ns.stream.direct_get_last_for_subject(subject.clone()),
+        )
+        .await
+        {
+            Err(_) => return Err(unavailable("history", "timed out")),
+            Ok(Ok(m)) => m.sequence,
+            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
+            Ok(Err(e)) => return Err(unavailable("history", e)),
+        };
+        let (start, epoch_ok, resume) = match &from {
+            HistoryFrom::After(p) if p.epoch == ns.epoch => (p.seq + 1, true, Some(p.seq)),
+            HistoryFrom::After(_) => (1, false, None),
+            HistoryFrom::Cursor(seq) => (seq + 1, true, Some(*seq)),
+            HistoryFrom::Latest(_) => (1, true, None),
+        };
+        // Retention keeps at most history_size publications per channel, so this walk is bounded.
+        let mut publications = Vec::new();
+        let mut next = start;
+        let mut oldest = None;
+        while next <= top {
+            let Some(m) = get(next).await? else { break };
+            if m.sequence > top {
+                break;
+            }
+            oldest.get_or_insert(m.sequence);
+            if let Some(p) = publication(channel, m.sequence, Some(&m.headers), &m.payload) {
+                publications.push(Arc::new(p));
+            }
+            next = m.sequence + 1;
+        }
+        let complete = match resume {
+            None => epoch_ok,
+            Some(after) => {
+                // Retention drops the oldest first: if the oldest retained publication of
+                // the channel is at most one past `after`, nothing after it was dropped.
+                let oldest_retained = match get(1).await? {
+                    Some(m) => m.sequence,
+                    None => top + 1,
+                };
+                after + 1 >= oldest_retained || oldest.is_some_and(|o| o <= after + 1)
+            }
+        };
+        let n = match from {
+            HistoryFrom::Latest(n) => n.min(limit),
+            _ => limit,
+        };
+        let truncated = publications.len() > n;
+        if truncated {
+            publications.drain(..publications.len() - n);
+        }
+        Ok(HistoryPage {
+            publications,
+            position: Position {
+                seq: top,
+                epoch: ns.epoch.clone(),
+            },
+            complete: complete && !(truncated && resume.is_some()),
+        })
+    }
+
+    async fn watch_inner(&self, channel: &Channel) -> Result<(), EngineError> {
+        let ns = self.namespace(channel)?;
+        let mut ready = {
+            let mut live = self.live.lock();
+            match live.get_mut(channel) {
+                Some(l) => {
+                    l.refs += 1;
+                    l.ready.clone()
+                }
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    let task = tokio::spawn(run_live(LiveTask {
+                        client: self.client.clone(),
+                        stream: ns.stream.clone(),
+                        sink: Arc::clone(&self.sink),
+                        channel: channel.clone(),
+                        subject: self.subject(channel),
+                        live_subject: format!("{}.{channel}", self.cfg.live_prefix),
+                        ready: tx,
+                    }));
+                    live.insert(
+                        channel.clone(),
+                        Live {
+                            refs: 1,
+                            ready: rx.clone(),
+                            task,
+                        },
+                    );
+                    rx
+                }
+            }
+        };
+        let outcome =
+            tokio::time::timeout(self.cfg.request_timeout, ready.wait_for(Option::is_some)).await;
+        let result = match outcome {
+            Ok(Ok(state)) => match &*state {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err(unavailable("live subscription", e)),
+                None => Err(unavailable("live subscription", "not ready")),
+            },
+            Ok(Err(_)) => Err(unavailable("live subscription", "ended")),
+            Err(_) => Err(unavailable("live subscription", "timed out")),
+        };
+        if result.is_err() {
+            self.unwatch(channel);
+        }
+        result
+    }
+}
+
+struct LiveTask {
+    client: async_nats::Client,
+    stream: stream::Stream,
+    sink: Arc<dyn LiveSink>,
+    channel: Channel,
+    subject: String,
+    live_subject: String,
+    ready: watch::Sender<Option<Result<(), String>>>,
+}
+
+/// Receives a channel's republished messages and hands them to the hub in order,
+/// repairing gaps from the stream first.
+async fn run_live(t: LiveTask) {
+    let fail = |e: String| {
+        t.ready.send_replace(Some(Err(e)));
+    };
+    let mut sub = match t.client.subscribe(t.live_subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    // A request on the same connection is answered only after the server processed
+    // the SUB before it: the subscription is registered once this returns.
+    if let Err(e) = t.client.request("$JS.API.INFO", Bytes::new()).await {
+        return fail(e.to_string());
+    }
+    // Everything stored up to now is the subscribers' history; live starts after it.
+    let mut last = match t
+        .stream
+        .direct_get_last_for_subject(t.subject.clone())
+        .await
+    {
+        Ok(m) => m.sequence,
+        Err(_) => 0,
+    };
+    t.ready.send_replace(Some(Ok(())));
+    while let Some(msg) = sub.next().await {
+        let Some(headers) = msg.headers.as_ref() else {
+            continue;
+        };
+        let (Some(seq), Some(prev)) = (
+            header_u64(headers, "Nats-Sequence"),
+            header_u64(headers, "Nats-Last-Sequence"),
+        ) else {
+            continue;
+        };
+        if seq <= last {
+            continue;
+        }
+        if prev > last {
+            repair(&t, last, seq).await;
+        }
+        if let Some(p) = publication(&t.channel, seq, Some(headers), &msg.payload) {
+            t.sink.deliver(&Arc::new(p));
+        }
+        last = seq;
+    }
+}
+
+/// Delivers the stored publications of the channel between `last` and `until`
+/// (exclusive) that the live subject did not bring.
+async fn repair(t: &LiveTask, mut last: u64, until: u64) {
+    tracing::debug!(channel = %t.channel, from = last, until, "repairing a live gap");
+    loop {
+        match t
+            .stream
+            .direct_get_next_for_subject(t.subject.clone(), Some(last + 1))
+            .await
+        {
+            Ok(m) if m.sequence < until => {
+                if let Some(p) = publication(&t.channel, m.sequence, Some(&m.headers), &m.payload) {
+                    t.sink.deliver(&Arc::new(p));
+                }
+                last = m.sequence;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(channel = %t.channel, error = %e, "gap repair failed");
+                return;
+            }
+        }
+    }
+}
+
+impl Broker for NatsBroker {
+    fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>> {
+        Box::pin(self.publish_inner(req))
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a Channel,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<HistoryPage, EngineError>> {
+        Box::pin(self.history_inner(channel, from, limit))
+    }
+
+    fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(self.watch_inner(channel))
+    }
+
+    fn unwatch(&self, channel: &Channel) {
+        let mut live = self.live.lock();
+        if let Some(l) = live.get_mut(channel) {
+            l.refs -= 1;
+            if l.refs == 0 {
+                if let Some(l) = live.remove(channel) {
+                    // Dropping the subscription unsubscribes from the live subject.
+                    l.task.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NatsBroker {
+    fn drop(&mut self) {
+        for (_, l) in self.live.get_mut().drain() {
+            l.task.abort();
+        }
+    }
+}
