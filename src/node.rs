@@ -126,9 +126,9 @@ impl Node {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Ready for traffic: not draining (the memory engine is always connected).
+    /// Ready for traffic: not draining, and the engine's backbone is reachable.
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_draining()
+        !self.shutdown.is_draining() && self.engine.broker.is_ready()
     }
 
     /// Resolves once at most `n` client connections are open.

@@ -176,6 +176,10 @@ pub trait Broker: Send + Sync {
     fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>>;
     /// Releases one successful `watch`.
     fn unwatch(&self, channel: &Channel);
+    /// Whether the backbone is reachable (readiness).
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// One connection as presence records it.

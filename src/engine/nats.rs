@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
@@ -47,6 +48,7 @@ struct Live {
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
+    reconnects: watch::Sender<u64>,
     cfg: NatsConfig,
     namespaces: HashMap<String, NamespaceStream>,
     live: Mutex<HashMap<Channel, Live>>,
@@ -83,8 +85,21 @@ impl NatsBroker {
         sink: Arc<dyn LiveSink>,
     ) -> Result<Arc<NatsBroker>, ConfigError> {
         let cfg = config.nats.clone();
+        // Every reconnection bumps this counter; live tasks then repair what they missed.
+        let (reconnects, _) = watch::channel(0u64);
+        let on_event = reconnects.clone();
         let client = async_nats::ConnectOptions::new()
+            .name(&config.server.node_id)
             .request_timeout(Some(cfg.request_timeout))
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((attempt as u64 * 100).min(2000))
+            })
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    on_event.send_modify(|n| *n += 1);
+                }
+                std::future::ready(())
+            })
             .connect(cfg.url.as_str())
             .await
             .map_err(|e| ConfigError(format!("`nats.url`: cannot connect to {}: {e}", cfg.url)))?;
@@ -139,6 +154,7 @@ impl NatsBroker {
         Ok(Arc::new(NatsBroker {
             client,
             js,
+            reconnects,
             cfg,
             namespaces,
             live: Mutex::new(HashMap::new()),
@@ -156,8 +172,17 @@ impl NatsBroker {
         format!("{}.{channel}", self.cfg.subject_prefix)
     }
 
+    /// Fails fast while disconnected: a client gets a retryable error, not a hang.
+    fn connected(&self) -> Result<(), EngineError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(EngineError::Unavailable("not connected to NATS".into())),
+        }
+    }
+
     async fn publish_inner(&self, req: PublishRequest) -> Result<Published, EngineError> {
         self.namespace(&req.channel)?;
+        self.connected()?;
         let mut headers = HeaderMap::new();
         if let Some(id) = &req.msg_id {
             headers.insert("Nats-Msg-Id", id.as_str());
@@ -191,6 +216,7 @@ impl NatsBroker {
         limit: usize,
     ) -> Result<HistoryPage, EngineError> {
         let ns = self.namespace(channel)?;
+        self.connected()?;
         let subject = self.subject(channel);
         let deadline = self.cfg.request_timeout;
         let get = |seq: u64| {
@@ -273,6 +299,7 @@ impl NatsBroker {
 
     async fn watch_inner(&self, channel: &Channel) -> Result<(), EngineError> {
         let ns = self.namespace(channel)?;
+        self.connected()?;
         let mut ready = {
             let mut live = self.live.lock();
             match live.get_mut(channel) {
@@ -290,6 +317,7 @@ impl NatsBroker {
                         subject: self.subject(channel),
                         live_subject: format!("{}.{channel}", self.cfg.live_prefix),
                         ready: tx,
+                        reconnects: self.reconnects.subscribe(),
                     }));
                     live.insert(
                         channel.clone(),
@@ -329,11 +357,12 @@ struct LiveTask {
     subject: String,
     live_subject: String,
     ready: watch::Sender<Option<Result<(), String>>>,
+    reconnects: watch::Receiver<u64>,
 }
 
 /// Receives a channel's republished messages and hands them to the hub in order,
 /// repairing gaps from the stream first.
-async fn run_live(t: LiveTask) {
+async fn run_live(mut t: LiveTask) {
     let fail = |e: String| {
         t.ready.send_replace(Some(Err(e)));
     };
@@ -356,7 +385,23 @@ async fn run_live(t: LiveTask) {
         Err(_) => 0,
     };
     t.ready.send_replace(Some(Ok(())));
-    while let Some(msg) = sub.next().await {
+    t.reconnects.borrow_and_update();
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            changed = t.reconnects.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // While disconnected, republished messages were lost without a trace:
+                // fetch everything stored after the last one delivered.
+                last = repair(&t, last, u64::MAX).await;
+                continue;
+            }
+        };
         let Some(headers) = msg.headers.as_ref() else {
             continue;
         };
@@ -380,8 +425,8 @@ async fn run_live(t: LiveTask) {
 }
 
 /// Delivers the stored publications of the channel between `last` and `until`
-/// (exclusive) that the live subject did not bring.
-async fn repair(t: &LiveTask, mut last: u64, until: u64) {
+/// (exclusive) that the live subject did not bring; returns the last delivered.
+async fn repair(t: &LiveTask, mut last: u64, until: u64) -> u64 {
     tracing::debug!(channel = %t.channel, from = last, until, "repairing a live gap");
     loop {
         match t
@@ -395,10 +440,11 @@ async fn repair(t: &LiveTask, mut last: u64, until: u64) {
                 }
                 last = m.sequence;
             }
-            Ok(_) => return,
+            Ok(_) => return last,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return last,
             Err(e) => {
                 tracing::warn!(channel = %t.channel, error = %e, "gap repair failed");
-                return;
+                return last;
             }
         }
     }
@@ -420,6 +466,10 @@ impl Broker for NatsBroker {
 
     fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(self.watch_inner(channel))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.connected().is_ok()
     }
 
     fn unwatch(&self, channel: &Channel) {

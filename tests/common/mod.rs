@@ -478,7 +478,9 @@ pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
 
 /// A real `nats-server -js` on free loopback ports with a temporary store, stopped by PID.
 pub struct NatsServer {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    bin: String,
+    conf: std::path::PathBuf,
     pub url: String,
     _dir: tempfile::TempDir,
 }
@@ -487,7 +489,6 @@ impl NatsServer {
     /// Starts the binary named by `NATS_SERVER`, else `.venv/bin/nats-server` (installed
     /// by `make test`), else `nats-server` on the PATH.
     pub fn start() -> NatsServer {
-        use std::io::{BufRead, BufReader};
         let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| {
             let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/nats-server");
             if std::path::Path::new(local).exists() {
@@ -506,15 +507,32 @@ impl NatsServer {
         let store = dir.path().join("js");
         std::fs::write(
             &conf,
-            format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n", store.display()),
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n",
+                store.display()
+            ),
         )
         .unwrap();
-        let mut child = std::process::Command::new(&bin)
+        let mut server = NatsServer {
+            child: None,
+            bin,
+            conf,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        server.restart();
+        server
+    }
+
+    /// (Re)starts the server on the same port and store, and waits until it is ready.
+    pub fn restart(&mut self) {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(&self.bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(&self.conf)
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (make test installs it): {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {} (make test installs it): {e}", self.bin));
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -528,20 +546,23 @@ impl NatsServer {
             }
         });
         rx.recv_timeout(WAIT).expect("nats-server becomes ready");
-        NatsServer {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
+        self.child = Some(child);
+    }
+
+    /// Stops the server (SIGTERM) and waits for the process to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
         }
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
