@@ -239,3 +239,85 @@ async fn gaps_in_live_delivery_are_repaired_from_the_stream() {
         "then the live message"
     );
 }
+
+/// Live subscriptions of one node's NATS connection, from the server's monitoring endpoint.
+async fn live_subscriptions(nats: &NatsServer, node: &str) -> usize {
+    let (status, connz) = http(nats.monitor, "GET", "/connz?subs=1&limit=100", &[], None).await;
+    assert_eq!(status, 200);
+    connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == node)
+        .flat_map(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|s| s.as_str().is_some_and(|s| s.starts_with("live.")))
+        .count()
+}
+
+/// Interest-based fan-out: each node subscribes to the live subjects of the
+/// channels its own clients use, and only those; releasing the last local
+/// subscriber releases the live subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_hold_live_subscriptions_only_for_their_own_channels() {
+    let nats = NatsServer::start();
+    let nodes = [
+        start(cluster_config(&nats, "a")).await,
+        start(cluster_config(&nats, "b")).await,
+        start(cluster_config(&nats, "c")).await,
+    ];
+    // 1,000 channels, channel i subscribed on node i % 3 (by two clients on node a's
+    // share, to show one live subscription serves many local subscribers).
+    let mut clients = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut c = connect_as(node.addr, &format!("user{n}"), &[]).await;
+        for i in (n..1000).step_by(3) {
+            c.send(json!({"type": "subscribe", "channel": format!("open.c{i}"), "id": i}))
+                .await;
+        }
+        for _ in (n..1000).step_by(3) {
+            assert_eq!(c.recv_type("subscribed").await["type"], "subscribed");
+        }
+        clients.push(c);
+    }
+    let mut second = connect_as(nodes[0].addr, "user0b", &[]).await;
+    second.subscribe("open.c0").await;
+    second.subscribe("open.c3").await;
+    let expected = [334, 333, 333];
+    for (n, name) in ["a", "b", "c"].iter().enumerate() {
+        assert_eq!(
+            live_subscriptions(&nats, name).await,
+            expected[n],
+            "node {name}"
+        );
+    }
+
+    // A message on c1 goes to node b only; nodes a and c never see its subject.
+    let seq = clients[0].publish("open.c1", json!("to b")).await;
+    assert_eq!(clients[1].recv_type("msg").await["seq"], seq);
+
+    // Unsubscribing c0 on node a leaves the second local subscriber, which still
+    // gets the channel live through the node's one live subscription.
+    clients[0]
+        .call(
+            json!({"type": "unsubscribe", "channel": "open.c0"}),
+            "unsubscribed",
+        )
+        .await;
+    let seq = clients[1].publish("open.c0", json!("still there")).await;
+    assert_eq!(second.recv_type("msg").await["seq"], seq);
+    // Dropping the second client releases c0 and c3 entirely: c3 is still held by client 0.
+    drop(second);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while live_subscriptions(&nats, "a").await != 333 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the live subscription of open.c0 is released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -427,26 +427,45 @@ pub async fn http_on(
             break p + 4;
         }
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
-            .await
-            .expect("http body")
-            .unwrap();
-        assert!(n > 0, "connection closed mid-body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
+    let mut rest = buf[head_end..].to_vec();
+    let body = if head.contains("transfer-encoding: chunked") {
+        // Go's net/http (nats-server monitoring) sends larger bodies chunked.
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(p) = rest.windows(2).position(|w| w == b"\r\n") {
+                    break p;
+                }
+                read_more(s, &mut rest).await;
+            };
+            let size = std::str::from_utf8(&rest[..line_end]).unwrap().trim();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            while rest.len() < line_end + 2 + size + 2 {
+                read_more(s, &mut rest).await;
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        while rest.len() < len {
+            read_more(s, &mut rest).await;
+        }
+        rest.truncate(len);
+        rest
+    };
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
     (status, body)
 }
 
@@ -458,6 +477,16 @@ pub fn publication_seqs(reply: &Value) -> Vec<u64> {
         .iter()
         .map(|p| p["seq"].as_u64().expect("a seq"))
         .collect()
+}
+
+async fn read_more(s: &mut TcpStream, into: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+        .await
+        .expect("http body")
+        .unwrap();
+    assert!(n > 0, "connection closed mid-body");
+    into.extend_from_slice(&chunk[..n]);
 }
 
 /// Publishes through the server API.
@@ -482,6 +511,8 @@ pub struct NatsServer {
     bin: String,
     conf: std::path::PathBuf,
     pub url: String,
+    /// The monitoring endpoint (`/connz`, `/healthz`).
+    pub monitor: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -498,17 +529,20 @@ impl NatsServer {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (port, http_port) = (free(), free());
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n",
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http_port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n",
                 store.display()
             ),
         )
@@ -518,6 +552,7 @@ impl NatsServer {
             bin,
             conf,
             url: format!("nats://127.0.0.1:{port}"),
+            monitor: SocketAddr::from(([127, 0, 0, 1], http_port)),
             _dir: dir,
         };
         server.restart();
