@@ -321,3 +321,91 @@ async fn nodes_hold_live_subscriptions_only_for_their_own_channels() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A stream deleted and recreated under a running node is a new incarnation:
+/// positions from the old one are not recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreated_stream_is_a_new_epoch() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "c", &[]).await;
+    for i in 0..5 {
+        c.publish("open.x", json!(i)).await;
+    }
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.x", "limit": 1}),
+            "history",
+        )
+        .await;
+    let old_epoch = h["position"]["epoch"].as_str().unwrap().to_string();
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    js.delete_stream("SY_OPEN").await.unwrap();
+    // Another node starting provisions the stream afresh.
+    let _b = start(cluster_config(&nats, "b")).await;
+
+    let r = c
+        .call(json!({"type": "subscribe", "channel": "open.x", "since": {"seq": 3, "epoch": old_epoch}}), "subscribed")
+        .await;
+    assert_eq!(r["recovered"], false, "{r}");
+    assert_ne!(r["position"]["epoch"].as_str(), Some(old_epoch.as_str()));
+    assert_eq!(r["replayed"], 0, "the new stream is empty");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_false_checks_and_names_the_missing_stream() {
+    let nats = NatsServer::start();
+    let mut cfg = cluster_config(&nats, "a");
+    cfg.nats.provision = false;
+    let err = switchyard::server::start(cfg)
+        .await
+        .err()
+        .expect("refused to start");
+    assert!(
+        err.0.contains("SY_") && err.0.contains("missing"),
+        "{}",
+        err.0
+    );
+
+    // Once the streams exist (provisioned by another node), it starts.
+    let _provisioner = start(cluster_config(&nats, "p")).await;
+    let mut cfg = cluster_config(&nats, "a");
+    cfg.nats.provision = false;
+    start(cfg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_at_once_provision_idempotently() {
+    let nats = NatsServer::start();
+    let (a, b, c) = tokio::join!(
+        switchyard::server::start(cluster_config(&nats, "a")),
+        switchyard::server::start(cluster_config(&nats, "b")),
+        switchyard::server::start(cluster_config(&nats, "c")),
+    );
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    let mut on_c = connect_as(c.addr, "r", &[]).await;
+    on_c.subscribe("open.boot").await;
+    let mut on_a = connect_as(a.addr, "w", &[]).await;
+    let seq = on_a.publish("open.boot", json!(1)).await;
+    assert_eq!(on_c.recv_type("msg").await["seq"], seq);
+    drop(b);
+}
+
+#[tokio::test]
+async fn unreachable_nats_fails_at_start_naming_the_key() {
+    let mut cfg = config();
+    cfg.engine.kind = switchyard::config::EngineKind::Nats;
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.nats.url = format!("nats://127.0.0.1:{port}");
+    let err = switchyard::server::start(cfg)
+        .await
+        .err()
+        .expect("refused to start");
+    assert!(err.0.contains("nats.url"), "{}", err.0);
+}

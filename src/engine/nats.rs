@@ -33,8 +33,13 @@ const TS_HEADER: &str = "Sy-Ts";
 const FROM_HEADER: &str = "Sy-From";
 
 struct NamespaceStream {
+    name: String,
     stream: stream::Stream,
-    epoch: String,
+}
+
+/// Names one incarnation of a stream: a recreated stream gets a new epoch.
+fn epoch_of(name: &str, created: impl std::fmt::Display) -> String {
+    format!("{name}@{created}").replace(' ', "_")
 }
 
 struct Live {
@@ -124,32 +129,27 @@ impl NatsBroker {
                 }),
                 ..Default::default()
             };
-            let created = if cfg.provision {
-                js.create_or_update_stream(stream_cfg)
-                    .await
-                    .map_err(|e| {
-                        ConfigError(format!(
-                            "namespace {name}: cannot provision stream {stream_name}: {e}"
-                        ))
-                    })?
-                    .created
-            } else {
-                let mut s = js.get_stream(&stream_name).await.map_err(|e| {
-                    ConfigError(format!("namespace {name}: stream {stream_name} is missing (nats.provision = false): {e}"))
+            if cfg.provision {
+                // Identical configs make concurrent creates from many nodes idempotent.
+                js.create_or_update_stream(stream_cfg).await.map_err(|e| {
+                    ConfigError(format!(
+                        "namespace {name}: cannot provision stream {stream_name}: {e}"
+                    ))
                 })?;
-                s.info()
-                    .await
-                    .map_err(|e| ConfigError(format!("stream {stream_name}: {e}")))?
-                    .created
-            };
-            let stream = js
-                .get_stream(&stream_name)
-                .await
-                .map_err(|e| ConfigError(format!("stream {stream_name}: {e}")))?;
-            // The stream's creation time names its incarnation: a recreated stream
-            // invalidates every position from the old one.
-            let epoch = format!("{stream_name}@{created}").replace(' ', "_");
-            namespaces.insert(name.clone(), NamespaceStream { stream, epoch });
+            }
+            let stream = js.get_stream(&stream_name).await.map_err(|e| {
+                ConfigError(format!(
+                    "namespace {name}: stream {stream_name} is missing or unreadable (nats.provision = {}): {e}",
+                    cfg.provision
+                ))
+            })?;
+            namespaces.insert(
+                name.clone(),
+                NamespaceStream {
+                    name: stream_name,
+                    stream,
+                },
+            );
         }
         Ok(Arc::new(NatsBroker {
             client,
@@ -246,8 +246,15 @@ impl NatsBroker {
             Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
             Ok(Err(e)) => return Err(unavailable("history", e)),
         };
+        // Asked each time: a stream recreated under a running node must not be
+        // mistaken for the incarnation that positions refer to.
+        let epoch = match tokio::time::timeout(deadline, self.js.get_stream(&ns.name)).await {
+            Ok(Ok(s)) => epoch_of(&ns.name, s.cached_info().created),
+            Ok(Err(e)) => return Err(unavailable("history", e)),
+            Err(_) => return Err(unavailable("history", "timed out")),
+        };
         let (start, epoch_ok, resume) = match &from {
-            HistoryFrom::After(p) if p.epoch == ns.epoch => (p.seq + 1, true, Some(p.seq)),
+            HistoryFrom::After(p) if p.epoch == epoch => (p.seq + 1, true, Some(p.seq)),
             HistoryFrom::After(_) => (1, false, None),
             HistoryFrom::Cursor(seq) => (seq + 1, true, Some(*seq)),
             HistoryFrom::Latest(_) => (1, true, None),
@@ -289,10 +296,7 @@ impl NatsBroker {
         }
         Ok(HistoryPage {
             publications,
-            position: Position {
-                seq: top,
-                epoch: ns.epoch.clone(),
-            },
+            position: Position { seq: top, epoch },
             complete: complete && !(truncated && resume.is_some()),
         })
     }
