@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run test build fmt lint bench bench-nats clean
+.PHONY: run run-cluster test build fmt lint bench bench-nats clean
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -20,6 +20,10 @@ run: build
 	@echo "Stop with Ctrl-C (the node drains its clients first)."
 	@echo ""
 	$(BIN) -c $(CONFIG) serve
+
+## A local cluster: nats-server with JetStream and three nodes on ports 8001-8003.
+run-cluster: build $(NATS_SERVER)
+	scripts/run-cluster.sh
 
 build:
 	cargo build --release --bin switchyard

@@ -188,6 +188,16 @@ pub struct NatsConfig {
     /// A publish or history request that takes longer fails with a retryable error.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// Authentication: a token, a user and password, or a `.creds` file (JWT + NKey).
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    /// TLS: required, with extra root certificates and an optional client certificate.
+    pub tls_required: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -199,6 +209,14 @@ impl Default for NatsConfig {
             subject_prefix: "sy".into(),
             live_prefix: "live".into(),
             request_timeout: Duration::from_secs(2),
+            token: None,
+            user: None,
+            password: None,
+            credentials_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -344,6 +362,13 @@ impl Config {
         }
         if !self.auth.hmac_secret.is_empty() && self.auth.hmac_secret.len() < 16 {
             return err("auth.hmac_secret", "must be at least 16 bytes long");
+        }
+        let n = &self.nats;
+        if n.user.is_some() != n.password.is_some() {
+            return err("nats.user", "user and password go together");
+        }
+        if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+            return err("nats.tls_cert_file", "a client certificate needs tls_key_file too");
         }
         if self.namespaces.is_empty() {
             return err("namespaces", "at least one namespace must be configured");

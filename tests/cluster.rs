@@ -409,3 +409,18 @@ async fn unreachable_nats_fails_at_start_naming_the_key() {
         .expect("refused to start");
     assert!(err.0.contains("nats.url"), "{}", err.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_authentication() {
+    let nats = NatsServer::start_with("authorization { token: \"s3cret-token\" }");
+    let err = switchyard::server::start(cluster_config(&nats, "anon")).await.err().expect("refused without the token");
+    assert!(err.0.contains("nats.url"), "{}", err.0);
+
+    let mut cfg = cluster_config(&nats, "a");
+    cfg.nats.token = Some("s3cret-token".into());
+    let a = start(cfg).await;
+    let mut c = connect_as(a.addr, "u", &[]).await;
+    c.subscribe("open.auth").await;
+    let seq = c.publish("open.auth", json!("ok")).await;
+    assert_eq!(c.recv_type("msg").await["seq"], seq);
+}

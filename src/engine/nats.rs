@@ -83,6 +83,33 @@ fn publication(
     Some(Publication::new(channel.clone(), seq, ts, data, from))
 }
 
+/// Authentication and TLS from `[nats]`.
+async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, ConfigError> {
+    let mut opts = async_nats::ConnectOptions::new();
+    if let Some(path) = &cfg.credentials_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConfigError(format!("`nats.credentials_file`: {}: {e}", path.display())))?;
+    }
+    if let Some(token) = &cfg.token {
+        opts = opts.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if cfg.tls_required {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(opts)
+}
+
 impl NatsBroker {
     /// Connects and provisions (or checks) one stream per configured namespace.
     pub async fn connect(
@@ -93,7 +120,8 @@ impl NatsBroker {
         // Every reconnection bumps this counter; live tasks then repair what they missed.
         let (reconnects, _) = watch::channel(0u64);
         let on_event = reconnects.clone();
-        let client = async_nats::ConnectOptions::new()
+        let client = connect_options(&cfg)
+            .await?
             .name(&config.server.node_id)
             .request_timeout(Some(cfg.request_timeout))
             .reconnect_delay_callback(|attempt| {

@@ -520,6 +520,11 @@ impl NatsServer {
     /// Starts the binary named by `NATS_SERVER`, else `.venv/bin/nats-server` (installed
     /// by `make test`), else `nats-server` on the PATH.
     pub fn start() -> NatsServer {
+        Self::start_with("")
+    }
+
+    /// Starts with extra lines in the server config (e.g. `authorization { ... }`).
+    pub fn start_with(extra: &str) -> NatsServer {
         let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| {
             let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/nats-server");
             if std::path::Path::new(local).exists() {
@@ -542,7 +547,7 @@ impl NatsServer {
         std::fs::write(
             &conf,
             format!(
-                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http_port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n",
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http_port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 512MB }}\n{extra}\n",
                 store.display()
             ),
         )
