@@ -266,6 +266,21 @@ pub struct NamespaceConfig {
     pub default_snapshot: usize,
     /// Largest `data` of one publication, in bytes.
     pub max_data_bytes: usize,
+    /// NATS engine: replicas of the namespace's stream (1, 3 or 5 on a NATS cluster).
+    pub stream_replicas: usize,
+    /// NATS engine: where the namespace's stream is stored.
+    pub stream_storage: StreamStorage,
+}
+
+/// JetStream storage of a namespace's stream.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamStorage {
+    /// Survives restarts of nats-server.
+    #[default]
+    File,
+    /// Faster, lost when nats-server restarts (e.g. for prices).
+    Memory,
 }
 
 impl Default for NamespaceConfig {
@@ -283,6 +298,8 @@ impl Default for NamespaceConfig {
             allow: Vec::new(),
             default_snapshot: 0,
             max_data_bytes: 16 << 10,
+            stream_replicas: 1,
+            stream_storage: StreamStorage::File,
         }
     }
 }
@@ -368,7 +385,10 @@ impl Config {
             return err("nats.user", "user and password go together");
         }
         if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
-            return err("nats.tls_cert_file", "a client certificate needs tls_key_file too");
+            return err(
+                "nats.tls_cert_file",
+                "a client certificate needs tls_key_file too",
+            );
         }
         if self.namespaces.is_empty() {
             return err("namespaces", "at least one namespace must be configured");
@@ -387,6 +407,12 @@ impl Config {
                 return err(
                     &format!("namespaces.{name}.default_snapshot"),
                     "cannot exceed history_size",
+                );
+            }
+            if ns.stream_replicas == 0 || ns.stream_replicas > 5 {
+                return err(
+                    &format!("namespaces.{name}.stream_replicas"),
+                    "must be 1 to 5",
                 );
             }
             if ns.max_replay == 0 {

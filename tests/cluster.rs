@@ -413,7 +413,10 @@ async fn unreachable_nats_fails_at_start_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_authentication() {
     let nats = NatsServer::start_with("authorization { token: \"s3cret-token\" }");
-    let err = switchyard::server::start(cluster_config(&nats, "anon")).await.err().expect("refused without the token");
+    let err = switchyard::server::start(cluster_config(&nats, "anon"))
+        .await
+        .err()
+        .expect("refused without the token");
     assert!(err.0.contains("nats.url"), "{}", err.0);
 
     let mut cfg = cluster_config(&nats, "a");
@@ -423,4 +426,47 @@ async fn token_authentication() {
     c.subscribe("open.auth").await;
     let seq = c.publish("open.auth", json!("ok")).await;
     assert_eq!(c.recv_type("msg").await["seq"], seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_options_shape_the_streams() {
+    let nats = NatsServer::start();
+    let mut cfg = cluster_config(&nats, "a");
+    if let Some(prices) = cfg.namespaces.get_mut("prices") {
+        prices.stream_storage = switchyard::config::StreamStorage::Memory;
+    }
+    let _a = start(cfg).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let info = js
+        .get_stream("SY_PRICES")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        info.config.storage,
+        async_nats::jetstream::stream::StorageType::Memory
+    );
+    assert_eq!(info.config.max_messages_per_subject, 1, "history_size");
+    assert_eq!(info.config.subjects, vec!["sy.prices.>".to_string()]);
+    let republish = info
+        .config
+        .republish
+        .expect("republish to the live subjects");
+    assert_eq!(
+        (republish.source.as_str(), republish.destination.as_str()),
+        ("sy.prices.>", "live.prices.>")
+    );
+    assert!(info.config.allow_direct);
+    let chat = js
+        .get_stream("SY_CHAT")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        chat.config.storage,
+        async_nats::jetstream::stream::StorageType::File
+    );
+    assert_eq!(chat.config.max_messages_per_subject, 10_000);
 }

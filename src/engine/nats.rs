@@ -25,7 +25,7 @@ use super::{
     PublishRequest, Published,
 };
 use crate::channel::Channel;
-use crate::config::{Config, ConfigError, NatsConfig};
+use crate::config::{Config, ConfigError, NatsConfig, StreamStorage};
 
 /// Header with the publishing node's clock (Unix ms): the publication's `ts`.
 const TS_HEADER: &str = "Sy-Ts";
@@ -87,10 +87,9 @@ fn publication(
 async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, ConfigError> {
     let mut opts = async_nats::ConnectOptions::new();
     if let Some(path) = &cfg.credentials_file {
-        opts = opts
-            .credentials_file(path)
-            .await
-            .map_err(|e| ConfigError(format!("`nats.credentials_file`: {}: {e}", path.display())))?;
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            ConfigError(format!("`nats.credentials_file`: {}: {e}", path.display()))
+        })?;
     }
     if let Some(token) = &cfg.token {
         opts = opts.token(token.clone());
@@ -149,7 +148,11 @@ impl NatsBroker {
                 // JetStream refuses a dedupe window longer than the retention.
                 duplicate_window: ns.dedupe_window.min(ns.history_ttl),
                 allow_direct: true,
-                storage: stream::StorageType::File,
+                storage: match ns.stream_storage {
+                    StreamStorage::File => stream::StorageType::File,
+                    StreamStorage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: ns.stream_replicas,
                 republish: Some(stream::Republish {
                     source: subjects,
                     destination: format!("{}.{name}.>", cfg.live_prefix),
