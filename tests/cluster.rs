@@ -470,3 +470,41 @@ async fn namespace_options_shape_the_streams() {
     );
     assert_eq!(chat.config.max_messages_per_subject, 10_000);
 }
+
+/// A publication carries the W3C trace context of the publishing span into NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_carry_a_w3c_traceparent() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "u", &[]).await;
+    let seq = c.publish("open.traced", json!(1)).await;
+    let api_seq = api_publish(a.addr, "open.traced", json!(2)).await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let stream = js.get_stream("SY_OPEN").await.unwrap();
+    let mut trace_ids = Vec::new();
+    for s in [seq, api_seq] {
+        let m = stream.direct_get(s).await.unwrap();
+        let tp = m
+            .headers
+            .get("traceparent")
+            .expect("a traceparent header")
+            .as_str()
+            .to_string();
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tp}");
+        assert_eq!(parts[0], "00", "version");
+        assert!(
+            parts[1].len() == 32
+                && parts[1].chars().all(|c| c.is_ascii_hexdigit())
+                && parts[1] != "0".repeat(32),
+            "{tp}"
+        );
+        assert!(
+            parts[2].len() == 16 && parts[2].chars().all(|c| c.is_ascii_hexdigit()),
+            "{tp}"
+        );
+        trace_ids.push(parts[1].to_string());
+    }
+    assert_ne!(trace_ids[0], trace_ids[1], "each publish is its own trace");
+}

@@ -64,6 +64,42 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(format!("{what}: {e}"))
 }
 
+/// Writes the W3C trace context into NATS headers.
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Reads the W3C trace context from NATS headers.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Hands a publication to the hub inside a `deliver` span whose parent is the
+/// publisher's span (from the message's `traceparent`).
+fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Publication) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("deliver", channel = %t.channel, seq = publication.seq);
+    if let Some(h) = headers {
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
+        let _ = span.set_parent(parent);
+    }
+    let _entered = span.enter();
+    t.sink.deliver(&Arc::new(publication));
+}
+
 fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
     h.get(name)?.as_str().parse().ok()
 }
@@ -222,6 +258,11 @@ impl NatsBroker {
         if let Some(from) = &req.from {
             headers.insert(FROM_HEADER, &**from);
         }
+        // The publishing span's W3C context, so delivering nodes join the same trace.
+        let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(&mut headers))
+        });
         let payload = Bytes::copy_from_slice(req.data.get().as_bytes());
         let subject = self.subject(&req.channel);
         let ack = tokio::time::timeout(self.cfg.request_timeout, async {
@@ -453,7 +494,7 @@ async fn run_live(mut t: LiveTask) {
             repair(&t, last, seq).await;
         }
         if let Some(p) = publication(&t.channel, seq, Some(headers), &msg.payload) {
-            t.sink.deliver(&Arc::new(p));
+            deliver_traced(&t, Some(headers), p);
         }
         last = seq;
     }
@@ -471,7 +512,7 @@ async fn repair(t: &LiveTask, mut last: u64, until: u64) -> u64 {
         {
             Ok(m) if m.sequence < until => {
                 if let Some(p) = publication(&t.channel, m.sequence, Some(&m.headers), &m.payload) {
-                    t.sink.deliver(&Arc::new(p));
+                    deliver_traced(t, Some(&m.headers), p);
                 }
                 last = m.sequence;
             }

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tracing::Instrument;
 
 use super::{error, json, Body};
 use crate::channel::Channel;
@@ -152,6 +153,7 @@ async fn publish_one(
             format!("data is larger than {} bytes", ns.max_data_bytes),
         ));
     }
+    let span = tracing::info_span!("api_publish", channel = %channel);
     node.engine
         .broker
         .publish(PublishRequest {
@@ -160,6 +162,7 @@ async fn publish_one(
             from: None,
             msg_id,
         })
+        .instrument(span)
         .await
         .map_err(engine_error)
 }

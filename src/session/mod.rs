@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::auth::{Identity, Permission};
 use crate::channel::Channel;
@@ -563,6 +564,7 @@ impl Session {
                 format!("data is larger than {} bytes", ns.max_data_bytes),
             ));
         }
+        let span = tracing::info_span!("publish", channel = %channel, user = %self.identity.user);
         let published = self
             .node
             .engine
@@ -573,6 +575,7 @@ impl Session {
                 from: Some(Arc::clone(&self.identity.user)),
                 msg_id,
             })
+            .instrument(span)
             .await?;
         self.link.outbox.push_reply(protocol::reply(
             "published",
