@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats clean
+.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster clean
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -46,6 +46,11 @@ bench: build
 bench-nats: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+## The fan-out on a local 3-node cluster (nats-server + 3 nodes on CPU 0).
+bench-cluster: build $(NATS_SERVER)
+	cargo build --release --example bench
+	ulimit -n 20000 && BENCH_TARGET=cluster NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 $(NATS_SERVER):
 	python3 -m venv .venv

@@ -13,6 +13,10 @@
 //! BENCH_NODE=host:port (with BENCH_NODE_PID) measures a node started elsewhere,
 //! e.g. under a heap profiler, instead of starting one.
 //!
+//! BENCH_TARGET=cluster runs the fan-out on a 3-node cluster (nats-server with
+//! JetStream, all four processes on CPU 0): subscribers round-robin over the nodes,
+//! the publisher on node 1, so most deliveries cross nodes (`make bench-cluster`).
+//!
 //! BENCH_TARGET=nats runs the same load against nats-server's own WebSocket
 //! listener (NATS_SERVER names the binary; `make bench-nats` installs it), the
 //! comparison our targets are phrased against. Subscribers speak NATS over
@@ -61,12 +65,16 @@ struct Node {
     pid: u32,
     /// Where WebSocket clients connect.
     addr: SocketAddr,
+    /// A store the process needs while it runs (JetStream).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Node {
-    fn start() -> Node {
+    /// A switchyard node pinned to CPU 0, with extra `SWITCHYARD_*` settings.
+    fn start(env: &[(&str, String)]) -> Node {
         let mut child = Command::new("taskset")
             .args(["-c", "0", BIN, "--config", CONFIG, "serve"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("SWITCHYARD_SERVER__LISTEN", "127.0.0.1:0")
             .env("SWITCHYARD_SERVER__MAX_CONNECTIONS_PER_USER", "1000000")
             .env("SWITCHYARD_SESSION__OUTBOX_MESSAGES", "8192")
@@ -105,11 +113,12 @@ impl Node {
             pid: child.id(),
             child: Some(child),
             addr,
+            _dir: None,
         }
     }
 
     /// nats-server with a WebSocket listener, pinned to CPU 0; returns the node and its TCP address.
-    fn start_nats(bin: &str) -> (Node, SocketAddr) {
+    fn start_nats(bin: &str, jetstream: bool) -> (Node, SocketAddr) {
         let free_port = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -119,9 +128,17 @@ impl Node {
         let (tcp, ws) = (free_port(), free_port());
         let dir = tempfile::tempdir().expect("a temp dir");
         let conf = dir.path().join("nats.conf");
+        let js = if jetstream {
+            format!(
+                "jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 1GB }}\n",
+                dir.path().join("js").display()
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &conf,
-            format!("listen: \"127.0.0.1:{tcp}\"\nmax_connections: 100000\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n"),
+            format!("listen: \"127.0.0.1:{tcp}\"\nmax_connections: 100000\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n{js}"),
         )
         .expect("write nats.conf");
         let mut child = Command::new("taskset")
@@ -141,12 +158,11 @@ impl Node {
         });
         rx.recv_timeout(Duration::from_secs(30))
             .expect("nats-server becomes ready");
-        // The config file is read at start; the directory can go.
-        drop(dir);
         let node = Node {
             pid: child.id(),
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], ws)),
+            _dir: Some(dir),
         };
         (node, SocketAddr::from(([127, 0, 0, 1], tcp)))
     }
@@ -156,6 +172,7 @@ impl Node {
             child: None,
             pid,
             addr,
+            _dir: None,
         }
     }
 
@@ -453,13 +470,23 @@ async fn idle_memory(node: &Node, target: &Target, conns: usize) {
     drop(warm);
 }
 
-async fn fan_out(node: &Node, target: &Target, subs: usize, rate: u64, secs: u64) {
-    let addr = node.addr;
+/// `nodes` serve the clients (subscribers round-robin, the publisher on the first);
+/// `procs` are every server process whose CPU time counts.
+async fn fan_out(
+    nodes: &[&Node],
+    procs: &[&Node],
+    target: &Target,
+    subs: usize,
+    rate: u64,
+    secs: u64,
+) {
+    let cpu_secs = || procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
     let total = rate * secs;
     let channel = "bench.fanout";
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
-    for _ in 0..subs {
+    for i in 0..subs {
+        let addr = nodes[i % nodes.len()].addr;
         let mut sub = Subscriber::open(target, addr, channel).await;
         let received = Arc::clone(&received);
         readers.push(tokio::spawn(async move {
@@ -479,8 +506,8 @@ async fn fan_out(node: &Node, target: &Target, subs: usize, rate: u64, secs: u64
         }));
     }
 
-    let mut publisher = Publisher::open(target, addr, total).await;
-    let cpu0 = node.cpu_secs();
+    let mut publisher = Publisher::open(target, nodes[0].addr, total).await;
+    let cpu0 = cpu_secs();
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     for i in 0..total {
@@ -505,12 +532,19 @@ async fn fan_out(node: &Node, target: &Target, subs: usize, rate: u64, secs: u64
         all.extend(lat);
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = node.cpu_secs() - cpu0;
+    let cpu = cpu_secs() - cpu0;
     let deliveries = received.load(Ordering::Relaxed);
     all.sort_unstable();
     println!("fan-out:                    {published} publications x {subs} subscribers at {rate}/s for {secs}s");
     println!("deliveries:                 {deliveries} of {} ({complete}/{subs} subscribers complete, in order: {ordered})", total * subs as u64);
-    println!("node CPU:                   {cpu:.2} s over {wall:.2} s wall");
+    println!(
+        "server CPU:                 {cpu:.2} s over {wall:.2} s wall ({} process(es) on CPU 0)",
+        procs.len()
+    );
+    println!(
+        "deliveries per second:      {:.0} (wall)",
+        deliveries as f64 / wall
+    );
     println!(
         "deliveries per CPU-second:  {:.0}",
         deliveries as f64 / cpu.max(0.01)
@@ -532,37 +566,60 @@ async fn main() {
     let token =
         switchyard::auth::mint(&config, "bench", Duration::from_secs(3600), caps).expect("a token");
 
-    let (node, target) = if std::env::var("BENCH_TARGET").as_deref() == Ok("nats") {
-        let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let (node, tcp) = Node::start_nats(&bin);
-        (node, Target::Nats { tcp })
-    } else {
-        let node = match std::env::var("BENCH_NODE") {
-            // An already running node (e.g. under a profiler): BENCH_NODE=ADDR, BENCH_NODE_PID=PID.
-            Ok(addr) => Node::attach(
-                addr.parse().expect("BENCH_NODE is host:port"),
-                env_num("BENCH_NODE_PID", 0) as u32,
-            ),
-            Err(_) => Node::start(),
-        };
-        (node, Target::Switchyard { token })
-    };
-    let name = match target {
-        Target::Switchyard { .. } => "switchyard",
-        Target::Nats { .. } => "nats-server (WebSocket listener)",
-    };
-    println!(
-        "bench: {name}, pid {} on {} (CPU 0), load generator on this process",
-        node.pid(),
-        node.addr
-    );
-    idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
-    fan_out(
-        &node,
-        &target,
-        env_num("BENCH_SUBS", 1000) as usize,
-        env_num("BENCH_RATE", 500),
-        env_num("BENCH_SECS", 6),
-    )
-    .await;
+    let nats_bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let subs = env_num("BENCH_SUBS", 1000) as usize;
+    let (rate, secs) = (env_num("BENCH_RATE", 500), env_num("BENCH_SECS", 6));
+    match std::env::var("BENCH_TARGET").as_deref() {
+        Ok("nats") => {
+            let (node, tcp) = Node::start_nats(&nats_bin, false);
+            let target = Target::Nats { tcp };
+            println!(
+                "bench: nats-server (WebSocket listener), pid {} on {} (CPU 0)",
+                node.pid(),
+                node.addr
+            );
+            idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
+            fan_out(&[&node], &[&node], &target, subs, rate, secs).await;
+        }
+        Ok("cluster") => {
+            // nats-server with JetStream and three switchyard nodes, all on CPU 0.
+            let (nats, tcp) = Node::start_nats(&nats_bin, true);
+            let url = format!("nats://{tcp}");
+            let nodes: Vec<Node> = (1..=3)
+                .map(|i| {
+                    Node::start(&[
+                        ("SWITCHYARD_ENGINE__KIND", "nats".into()),
+                        ("SWITCHYARD_NATS__URL", url.clone()),
+                        ("SWITCHYARD_SERVER__NODE_ID", format!("node{i}")),
+                    ])
+                })
+                .collect();
+            let target = Target::Switchyard { token };
+            println!(
+                "bench: 3-node switchyard cluster on nats-server (JetStream), 4 processes on CPU 0; subscribers round-robin, publisher on node 1"
+            );
+            let refs: Vec<&Node> = nodes.iter().collect();
+            let mut procs = refs.clone();
+            procs.push(&nats);
+            fan_out(&refs, &procs, &target, subs, rate, secs).await;
+        }
+        _ => {
+            let node = match std::env::var("BENCH_NODE") {
+                // An already running node (e.g. under a profiler): BENCH_NODE=ADDR, BENCH_NODE_PID=PID.
+                Ok(addr) => Node::attach(
+                    addr.parse().expect("BENCH_NODE is host:port"),
+                    env_num("BENCH_NODE_PID", 0) as u32,
+                ),
+                Err(_) => Node::start(&[]),
+            };
+            let target = Target::Switchyard { token };
+            println!(
+                "bench: switchyard, pid {} on {} (CPU 0), load generator on this process",
+                node.pid(),
+                node.addr
+            );
+            idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
+            fan_out(&[&node], &[&node], &target, subs, rate, secs).await;
+        }
+    }
 }
