@@ -515,35 +515,5 @@ async fn snapshot_of_the_latest_publications_from_the_stream() {
     let nats = NatsServer::start();
     let a = start(cluster_config(&nats, "a")).await;
     let b = start(cluster_config(&nats, "b")).await;
-    let mut last = 0;
-    for px in ["100.1", "100.2", "100.3"] {
-        last = api_publish(a.addr, "prices.BTC-USDT", json!({"price": px})).await;
-    }
-    let mut c = connect_as(b.addr, "t", &[]).await;
-    let r = c.subscribe("prices.BTC-USDT").await;
-    assert_eq!(
-        r["replayed"], 1,
-        "prices keep one per channel and send it on subscribe"
-    );
-    let m = c.recv_type("msg").await;
-    assert_eq!(
-        (&m["seq"], &m["data"]["price"]),
-        (&json!(last), &json!("100.3"))
-    );
-
-    let mut w = connect_as(a.addr, "w", &[]).await;
-    let mut seqs = Vec::new();
-    for i in 0..6 {
-        seqs.push(w.publish("open.snap", json!(i)).await);
-    }
-    let r = c
-        .call(
-            json!({"type": "subscribe", "channel": "open.snap", "snapshot": 3}),
-            "subscribed",
-        )
-        .await;
-    assert_eq!(r["replayed"], 3);
-    for want in &seqs[3..] {
-        assert_eq!(&c.recv_type("msg").await["seq"], want);
-    }
+    snapshot_check(a.addr, b.addr).await;
 }

@@ -117,31 +117,7 @@ async fn repeated_msg_id_is_one_publication() {
 #[tokio::test]
 async fn snapshot_sends_latest_first() {
     let gw = start(config()).await;
-    for px in ["100.1", "100.2", "100.3"] {
-        api_publish(gw.addr, "prices.BTC-USDT", json!({"price": px})).await;
-    }
-    // prices: default_snapshot = 1.
-    let mut c = connect_as(gw.addr, "t", &[]).await;
-    let r = c.subscribe("prices.BTC-USDT").await;
-    assert_eq!(r["replayed"], 1);
-    assert_eq!(c.recv_type("msg").await["data"]["price"], "100.3");
-
-    // Explicit snapshot: N on a channel with history.
-    let mut p = connect_as(gw.addr, "p", &[]).await;
-    let mut published = Vec::new();
-    for i in 0..6 {
-        published.push(p.publish("open.snap", json!(i)).await);
-    }
-    let r = c
-        .call(
-            json!({"type": "subscribe", "channel": "open.snap", "snapshot": 3}),
-            "subscribed",
-        )
-        .await;
-    assert_eq!(r["replayed"], 3);
-    for want in &published[3..] {
-        assert_eq!(&c.recv_type("msg").await["seq"], want);
-    }
+    snapshot_check(gw.addr, gw.addr).await;
 }
 
 #[tokio::test]

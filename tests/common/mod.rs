@@ -719,3 +719,37 @@ pub async fn seam_check(addrs: Vec<SocketAddr>, channel: &'static str) {
         }
     }
 }
+
+/// Snapshots (both engines): prices send their latest publication on subscribe
+/// (`default_snapshot = 1`), and `snapshot: N` sends the newest N, then live.
+/// Publishes through `publish_on`, subscribes through `subscribe_on`.
+pub async fn snapshot_check(publish_on: SocketAddr, subscribe_on: SocketAddr) {
+    let mut last = 0;
+    for px in ["100.1", "100.2", "100.3"] {
+        last = api_publish(publish_on, "prices.BTC-USDT", json!({"price": px})).await;
+    }
+    let mut c = connect_as(subscribe_on, "t", &[]).await;
+    let r = c.subscribe("prices.BTC-USDT").await;
+    assert_eq!(r["replayed"], 1, "prices send the latest on subscribe");
+    let m = c.recv_type("msg").await;
+    assert_eq!(
+        (&m["seq"], &m["data"]["price"]),
+        (&json!(last), &json!("100.3"))
+    );
+
+    let mut w = connect_as(publish_on, "w", &[]).await;
+    let mut seqs = Vec::new();
+    for i in 0..6 {
+        seqs.push(w.publish("open.snap", json!(i)).await);
+    }
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": "open.snap", "snapshot": 3}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(r["replayed"], 3);
+    for want in &seqs[3..] {
+        assert_eq!(&c.recv_type("msg").await["seq"], want);
+    }
+}
