@@ -517,3 +517,46 @@ async fn snapshot_of_the_latest_publications_from_the_stream() {
     let b = start(cluster_config(&nats, "b")).await;
     snapshot_check(a.addr, b.addr).await;
 }
+
+/// When nothing of a channel is left in the stream (expired, or purged as here),
+/// a position before what was removed is not recovered: nothing is silently skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_with_everything_removed_is_not_recovered() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "c", &[]).await;
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(c.publish("open.gone", json!(i)).await);
+    }
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.gone", "limit": 1}),
+            "history",
+        )
+        .await;
+    let epoch = h["position"]["epoch"].as_str().unwrap().to_string();
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    js.get_stream("SY_OPEN")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
+    let r = c
+        .call(json!({"type": "subscribe", "channel": "open.gone", "since": {"seq": seqs[1], "epoch": epoch}}), "subscribed")
+        .await;
+    assert_eq!(
+        (r["recovered"].as_bool(), r["replayed"].as_u64()),
+        (Some(false), Some(0)),
+        "{r}"
+    );
+    // A client that had everything is still recovered.
+    let mut d = connect_as(a.addr, "d", &[]).await;
+    let r = d
+        .call(json!({"type": "subscribe", "channel": "open.gone", "since": {"seq": seqs[4], "epoch": epoch}}), "subscribed")
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+}

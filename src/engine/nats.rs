@@ -320,11 +320,15 @@ impl NatsBroker {
         };
         // Asked each time: a stream recreated under a running node must not be
         // mistaken for the incarnation that positions refer to.
-        let epoch = match tokio::time::timeout(deadline, self.js.get_stream(&ns.name)).await {
-            Ok(Ok(s)) => epoch_of(&ns.name, s.cached_info().created),
-            Ok(Err(e)) => return Err(unavailable("history", e)),
-            Err(_) => return Err(unavailable("history", "timed out")),
-        };
+        let (epoch, stream_first) =
+            match tokio::time::timeout(deadline, self.js.get_stream(&ns.name)).await {
+                Ok(Ok(s)) => {
+                    let info = s.cached_info();
+                    (epoch_of(&ns.name, info.created), info.state.first_sequence)
+                }
+                Ok(Err(e)) => return Err(unavailable("history", e)),
+                Err(_) => return Err(unavailable("history", "timed out")),
+            };
         let (start, epoch_ok, resume) = match &from {
             HistoryFrom::After(p) if p.epoch == epoch => (p.seq + 1, true, Some(p.seq)),
             HistoryFrom::After(_) => (1, false, None),
@@ -334,13 +338,11 @@ impl NatsBroker {
         // Retention keeps at most history_size publications per channel, so this walk is bounded.
         let mut publications = Vec::new();
         let mut next = start;
-        let mut oldest = None;
         while next <= top {
             let Some(m) = get(next).await? else { break };
             if m.sequence > top {
                 break;
             }
-            oldest.get_or_insert(m.sequence);
             if let Some(p) = publication(channel, m.sequence, Some(&m.headers), &m.payload) {
                 publications.push(Arc::new(p));
             }
@@ -348,15 +350,14 @@ impl NatsBroker {
         }
         let complete = match resume {
             None => epoch_ok,
-            Some(after) => {
+            Some(after) => match get(1).await? {
                 // Retention drops the oldest first: if the oldest retained publication of
                 // the channel is at most one past `after`, nothing after it was dropped.
-                let oldest_retained = match get(1).await? {
-                    Some(m) => m.sequence,
-                    None => top + 1,
-                };
-                after + 1 >= oldest_retained || oldest.is_some_and(|o| o <= after + 1)
-            }
+                Some(oldest_retained) => after + 1 >= oldest_retained.sequence,
+                // Nothing of the channel is left (expired or purged): only a stream that
+                // dropped nothing after `after` proves there was nothing to miss.
+                None => stream_first <= after + 1,
+            },
         };
         let n = match from {
             HistoryFrom::Latest(n) => n.min(limit),
