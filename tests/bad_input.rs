@@ -273,3 +273,38 @@ async fn incomplete_request_headers_are_dropped() {
     assert!(ended.is_ok(), "the slow request was dropped");
     node_still_serves(gw.addr).await;
 }
+
+/// Positions are client input: the largest `seq`, `limit` and `snapshot` are
+/// handled without overflow (and the connection stays).
+#[tokio::test]
+async fn extreme_positions_are_handled() {
+    let gw = start(config()).await;
+    let mut c = connect_as(gw.addr, "edge", &[]).await;
+    c.publish("open.edge", json!(1)).await;
+    let epoch = c
+        .call(
+            json!({"type": "history", "channel": "open.edge", "limit": 1}),
+            "history",
+        )
+        .await["position"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let max = u64::MAX;
+    let r = c
+        .call(json!({"type": "subscribe", "channel": "open.edge", "since": {"seq": max, "epoch": epoch}}), "subscribed")
+        .await;
+    assert_eq!(r["replayed"], 0);
+    c.call(json!({"type": "history", "channel": "open.edge", "since": {"seq": max, "epoch": epoch}, "limit": max}), "history")
+        .await;
+    c.call(
+        json!({"type": "subscribe", "channel": "open.edge2", "snapshot": max}),
+        "subscribed",
+    )
+    .await;
+    let (r, _) = c
+        .request(json!({"type": "ack", "channel": "open.edge", "seq": max}))
+        .await;
+    assert_eq!(r["code"], 115, "ack outside an acked namespace");
+    c.ping().await;
+}

@@ -560,3 +560,36 @@ async fn channel_with_everything_removed_is_not_recovered() {
         .await;
     assert_eq!(r["recovered"], true, "{r}");
 }
+
+/// The same extreme positions on the NATS engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_positions_on_the_stream() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "edge", &[]).await;
+    c.publish("open.edge", json!(1)).await;
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge", "limit": 1}),
+            "history",
+        )
+        .await;
+    let epoch = h["position"]["epoch"].as_str().unwrap().to_string();
+    let since = json!({"seq": u64::MAX, "epoch": epoch});
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": "open.edge", "since": since}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(
+        (r["recovered"].as_bool(), r["replayed"].as_u64()),
+        (Some(true), Some(0))
+    );
+    c.call(
+        json!({"type": "history", "channel": "open.edge", "since": since, "limit": u64::MAX}),
+        "history",
+    )
+    .await;
+    c.ping().await;
+}

@@ -330,9 +330,11 @@ impl NatsBroker {
                 Err(_) => return Err(unavailable("history", "timed out")),
             };
         let (start, epoch_ok, resume) = match &from {
-            HistoryFrom::After(p) if p.epoch == epoch => (p.seq + 1, true, Some(p.seq)),
+            HistoryFrom::After(p) if p.epoch == epoch => {
+                (p.seq.saturating_add(1), true, Some(p.seq))
+            }
             HistoryFrom::After(_) => (1, false, None),
-            HistoryFrom::Cursor(seq) => (seq + 1, true, Some(*seq)),
+            HistoryFrom::Cursor(seq) => (seq.saturating_add(1), true, Some(*seq)),
             HistoryFrom::Latest(_) => (1, true, None),
         };
         // Retention keeps at most history_size publications per channel, so this walk is bounded.
@@ -346,17 +348,17 @@ impl NatsBroker {
             if let Some(p) = publication(channel, m.sequence, Some(&m.headers), &m.payload) {
                 publications.push(Arc::new(p));
             }
-            next = m.sequence + 1;
+            next = m.sequence.saturating_add(1);
         }
         let complete = match resume {
             None => epoch_ok,
             Some(after) => match get(1).await? {
                 // Retention drops the oldest first: if the oldest retained publication of
                 // the channel is at most one past `after`, nothing after it was dropped.
-                Some(oldest_retained) => after + 1 >= oldest_retained.sequence,
+                Some(oldest_retained) => after.saturating_add(1) >= oldest_retained.sequence,
                 // Nothing of the channel is left (expired or purged): only a stream that
                 // dropped nothing after `after` proves there was nothing to miss.
-                None => stream_first <= after + 1,
+                None => stream_first <= after.saturating_add(1),
             },
         };
         let n = match from {
@@ -508,7 +510,7 @@ async fn repair(t: &LiveTask, mut last: u64, until: u64) -> u64 {
     loop {
         match t
             .stream
-            .direct_get_next_for_subject(t.subject.clone(), Some(last + 1))
+            .direct_get_next_for_subject(t.subject.clone(), Some(last.saturating_add(1)))
             .await
         {
             Ok(m) if m.sequence < until => {
