@@ -41,25 +41,18 @@ pub struct Subscription {
     /// Hub-unique id, so unsubscribing removes exactly this subscription.
     pub id: u64,
     conflate: bool,
-    buffer_limit: usize,
     state: Mutex<SubState>,
 }
 
 impl Subscription {
-    /// A buffering subscription; `buffer_limit` bounds what may arrive during replay.
-    pub fn new(
-        channel: Channel,
-        outbox: Arc<Outbox>,
-        conflate: bool,
-        buffer_limit: usize,
-    ) -> Arc<Self> {
+    /// A buffering subscription; what may arrive during replay is bounded like the outbox.
+    pub fn new(channel: Channel, outbox: Arc<Outbox>, conflate: bool) -> Arc<Self> {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Arc::new(Subscription {
             channel,
             outbox,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             conflate,
-            buffer_limit,
             state: Mutex::new(SubState {
                 phase: Phase::Buffering(Vec::new()),
                 last_seq: 0,
@@ -74,7 +67,7 @@ impl Subscription {
         let mut st = self.state.lock();
         match &mut st.phase {
             Phase::Buffering(buf) => {
-                if buf.len() >= self.buffer_limit {
+                if buf.len() >= self.outbox.max_messages() {
                     drop(st);
                     self.outbox.close(
                         crate::protocol::close::SLOW_CONSUMER,
@@ -252,7 +245,7 @@ mod tests {
         let ch = Channel::parse("t.a").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(100, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
         hub.add(Arc::clone(&sub));
         // Published while history was being read: 5 and 6 are buffered...
         hub.deliver(&publication(&ch, 5));
@@ -276,7 +269,7 @@ mod tests {
         let ch = Channel::parse("p.x").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(4, 1 << 20, 2));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         drain(&outbox); // the reply
@@ -298,7 +291,7 @@ mod tests {
         let ch = Channel::parse("c.x").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(3, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         for seq in 1..=5 {
@@ -320,7 +313,7 @@ mod tests {
         let ch = Channel::parse("p.y").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(10, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true, 100);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         drain(&outbox); // the reply
@@ -347,7 +340,7 @@ mod tests {
         for _ in 0..3 {
             assert!(outbox.push_reply(bytes::Bytes::from(vec![b' '; 500])));
         }
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false, 100);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0);
         let mut items = Vec::new();
         match outbox.take(&mut items, usize::MAX) {

@@ -421,13 +421,7 @@ impl Session {
             None => HistoryFrom::Latest(snapshot),
         };
 
-        let buffer_limit = self.node.config.session.outbox_messages;
-        let sub = Subscription::new(
-            channel.clone(),
-            Arc::clone(&self.link.outbox),
-            ns.conflate,
-            buffer_limit,
-        );
+        let sub = Subscription::new(channel.clone(), Arc::clone(&self.link.outbox), ns.conflate);
         self.node.hub.add(Arc::clone(&sub));
         if let Err(e) = engine.broker.watch(&channel).await {
             self.drop_from_hub(&sub);

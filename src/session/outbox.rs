@@ -89,6 +89,11 @@ impl Outbox {
         }
     }
 
+    /// The bound in frames.
+    pub fn max_messages(&self) -> usize {
+        self.max_messages
+    }
+
     /// Queues a text frame; on overflow the connection is closed with 4008 and `false` returned.
     pub fn push(&self, frame: Bytes) -> bool {
         self.push_item(frame.len(), Item::Text(frame), Bound::Live)
