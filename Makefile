@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster clean
+.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -21,15 +21,15 @@ run: build
 	@echo ""
 	$(BIN) -c $(CONFIG) serve
 
-## A local cluster: nats-server with JetStream and three nodes on ports 8001-8003.
-run-cluster: build $(NATS_SERVER)
+## A local cluster: nats-server with JetStream, redis-server and three nodes on ports 8001-8003.
+run-cluster: build $(NATS_SERVER) redis-server
 	scripts/run-cluster.sh
 
 build:
 	cargo build --release --bin switchyard
 
-## Format check, lints as errors, every test (cluster tests run a real nats-server).
-test: $(NATS_SERVER)
+## Format check, lints as errors, every test (cluster tests run real nats-server and redis-server).
+test: $(NATS_SERVER) redis-server
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets
@@ -51,6 +51,10 @@ bench-nats: build $(NATS_SERVER)
 bench-cluster: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=cluster NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+# Debian's package (apt-get install redis-server); .ci/run installs it.
+redis-server:
+	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
 
 $(NATS_SERVER):
 	python3 -m venv .venv

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make run-cluster`: a local nats-server with JetStream (temporary store) and three
-# switchyard nodes on 127.0.0.1:8001-8003 on the NATS engine. Ctrl-C stops them all.
+# `make run-cluster`: a local nats-server with JetStream (temporary store), a local
+# redis-server (no persistence) and three switchyard nodes on 127.0.0.1:8001-8003
+# on the NATS engine with Redis presence. Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ BIN=target/release/switchyard
 CONFIG=config/switchyard.toml
 NATS_PORT=${NATS_PORT:-4222}
 NATS_HTTP_PORT=${NATS_HTTP_PORT:-8222}
+REDIS_PORT=${REDIS_PORT:-6379}
+API_KEY=${API_KEY:-dev-api-key}
 
 dir=$(mktemp -d)
 pids=()
@@ -33,9 +36,20 @@ for _ in $(seq 1 100); do
 done
 grep -q "Server is ready" "$dir/nats.log" || { echo "nats-server did not start:"; cat "$dir/nats.log"; exit 1; }
 
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --dir "$dir" --logfile "$dir/redis.log" &
+pids+=($!)
+for _ in $(seq 1 100); do
+  redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break
+  sleep 0.1
+done
+redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG || { echo "redis-server did not start:"; cat "$dir/redis.log"; exit 1; }
+
 for n in 1 2 3; do
   SWITCHYARD_ENGINE__KIND=nats \
   SWITCHYARD_NATS__URL="nats://127.0.0.1:${NATS_PORT}" \
+  SWITCHYARD_REDIS__URL="redis://127.0.0.1:${REDIS_PORT}" \
+  SWITCHYARD_API__KEY="$API_KEY" \
   SWITCHYARD_SERVER__LISTEN="127.0.0.1:800${n}" \
   SWITCHYARD_SERVER__NODE_ID="node${n}" \
     "$BIN" -c "$CONFIG" serve &
@@ -45,6 +59,7 @@ done
 cat <<HELP
 
 nats-server on 127.0.0.1:${NATS_PORT} (monitoring http://127.0.0.1:${NATS_HTTP_PORT}), store in $dir
+redis-server on 127.0.0.1:${REDIS_PORT} (no persistence)
 switchyard nodes: ws://127.0.0.1:8001/ws  ws://127.0.0.1:8002/ws  ws://127.0.0.1:8003/ws
 
 In another terminal, subscribe on node 3:
@@ -54,6 +69,10 @@ In another terminal, subscribe on node 3:
 and in a third, publish on node 1:
   cargo run -q --example ws-client -- "ws://127.0.0.1:8001/ws?token=\$TOKEN"
   {"type":"publish","channel":"chat.room.1","data":{"text":"hello from node 1"}}
+Presence, users and nodes across the cluster (server API key: $API_KEY):
+  curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/presence/chat.room.1
+  curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/users/alice
+  curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/nodes
 Ctrl-C stops everything.
 
 HELP

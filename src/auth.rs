@@ -100,6 +100,10 @@ impl AuthError {
         code: 205,
         reason: "token audience or issuer not accepted",
     };
+    pub const REVOKED: AuthError = AuthError {
+        code: 206,
+        reason: "token revoked",
+    };
 }
 
 /// Verifies tokens with the keys from `[auth]`.

@@ -22,6 +22,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub engine: EngineConfig,
     pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub log: LogConfig,
     /// Options per channel namespace (the first token of a channel name).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -45,6 +46,12 @@ pub struct ServerConfig {
     /// A client that has not sent its request headers by then is dropped (slowloris).
     #[serde(with = "duration")]
     pub header_read_timeout: Duration,
+    /// Address other nodes and operators reach this node at (node registry); `listen` when empty.
+    pub advertise: String,
+    /// Free-form region label shown in the node registry.
+    pub region: String,
+    /// Most presence members one page returns (client frame and API).
+    pub presence_page_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +64,9 @@ impl Default for ServerConfig {
             max_connections: 200_000,
             max_connections_per_user: 64,
             header_read_timeout: Duration::from_secs(10),
+            advertise: String::new(),
+            region: String::new(),
+            presence_page_max: 1000,
         }
     }
 }
@@ -217,6 +227,61 @@ impl Default for NatsConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+        }
+    }
+}
+
+/// Redis: cluster-wide presence, acked cursors, the control bus and the node registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS); empty keeps
+    /// presence, cursors and control in this process.
+    pub url: String,
+    /// ACL user and password; override what the URL says (keep secrets out of URLs).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Every key and pub/sub channel starts with this.
+    pub key_prefix: String,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A command that takes longer fails; presence and cursor calls then report degraded.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// How often a node refreshes its presence entries and its registry entry (one pipeline).
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Presence and registry entries not refreshed for this long are gone (a crashed node's).
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
+    /// Acks are coalesced per user+device+channel and written once per interval.
+    #[serde(with = "duration")]
+    pub ack_flush_interval: Duration,
+    /// Most cursor updates held while Redis is slow or down; past it acks are refused (117).
+    pub ack_buffer: usize,
+    /// A device's cursors are dropped after this long without an ack.
+    #[serde(with = "duration")]
+    pub cursor_ttl: Duration,
+    /// How long a revoked token id is kept when the revoke call gives no `expires_at`.
+    #[serde(with = "duration")]
+    pub revocation_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            username: None,
+            password: None,
+            key_prefix: "sy:".into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(15),
+            ack_flush_interval: Duration::from_millis(500),
+            ack_buffer: 100_000,
+            cursor_ttl: Duration::from_secs(30 * 24 * 3600),
+            revocation_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -390,6 +455,30 @@ impl Config {
                 "a client certificate needs tls_key_file too",
             );
         }
+        let r = &self.redis;
+        if !r.url.is_empty() {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+                return err("redis.url", "must start with redis:// or rediss://");
+            }
+            if r.heartbeat_interval.is_zero() || r.ack_flush_interval.is_zero() {
+                return err(
+                    "redis.heartbeat_interval",
+                    "heartbeat_interval and ack_flush_interval must be greater than zero",
+                );
+            }
+            if r.presence_ttl < r.heartbeat_interval * 2 {
+                return err(
+                    "redis.presence_ttl",
+                    "must be at least twice heartbeat_interval, or live entries expire between refreshes",
+                );
+            }
+            if r.ack_buffer == 0 {
+                return err("redis.ack_buffer", "must be at least 1");
+            }
+            if r.key_prefix.is_empty() {
+                return err("redis.key_prefix", "must not be empty");
+            }
+        }
         if self.namespaces.is_empty() {
             return err("namespaces", "at least one namespace must be configured");
         }
@@ -423,6 +512,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Most presence members one page returns.
+    pub fn presence_page_max(&self) -> usize {
+        self.server.presence_page_max.max(1)
     }
 
     /// Options for a namespace, if configured.
@@ -496,6 +590,16 @@ mod tests {
         assert!(e.contains("histroy_size"), "{e}");
         let e = with_file("[namespaces.z]\nmax_replay = 0").unwrap_err().0;
         assert!(e.contains("namespaces.z.max_replay"), "{e}");
+        let e = with_file("[redis]\nurl = \"http://localhost\"")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("redis.url"), "{e}");
+        let e = with_file(
+            "[redis]\nurl = \"rediss://h:6380\"\nheartbeat_interval = \"5s\"\npresence_ttl = \"6s\"",
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("redis.presence_ttl"), "{e}");
         let e = Config::load(Some(Path::new("/nonexistent/switchyard.toml")))
             .unwrap_err()
             .0;

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod hub;
 pub mod node;

@@ -11,11 +11,21 @@ use tokio::sync::Notify;
 
 use crate::auth::Verifier;
 use crate::config::{Config, ConfigError, EngineKind, NamespaceConfig};
-use crate::engine::memory::{MemoryBroker, MemoryCursors, MemoryPresence};
+use crate::connections::Connections;
+use crate::engine::memory::{unix_ms, MemoryBroker, MemoryControl, MemoryCursors, MemoryPresence};
 use crate::engine::nats::NatsBroker;
-use crate::engine::Engine;
+use crate::engine::{redis, Broker, Engine, NodeInfo};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
+
+/// The address this node is reached at, as the registry shows it.
+fn advertised(config: &Config) -> String {
+    if config.server.advertise.is_empty() {
+        config.server.listen.to_string()
+    } else {
+        config.server.advertise.clone()
+    }
+}
 
 /// Shared state of one gateway process.
 pub struct Node {
@@ -24,8 +34,11 @@ pub struct Node {
     pub verifier: Verifier,
     pub engine: Engine,
     pub hub: Arc<Hub>,
+    /// Open connections by user, for control commands.
+    pub connections: Arc<Connections>,
     pub shutdown: Shutdown,
-    connections: AtomicUsize,
+    /// Admitted connections (slots held).
+    admitted: AtomicUsize,
     per_user: Mutex<HashMap<Arc<str>, usize>>,
     /// Notified whenever a connection slot is released.
     released: Notify,
@@ -46,7 +59,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.admitted.fetch_sub(1, Ordering::Relaxed);
         self.node.released.notify_waiters();
         let mut per_user = self.node.per_user.lock();
         if let Some(n) = per_user.get_mut(&self.user) {
@@ -63,27 +76,50 @@ impl Node {
     pub async fn new(config: Config) -> Result<Arc<Node>, ConfigError> {
         let verifier = Verifier::from_config(&config.auth)?;
         let hub = Hub::new();
-        let engine = match config.engine.kind {
-            EngineKind::Memory => {
-                let broker = MemoryBroker::new(&config.namespaces, hub.clone());
-                broker.spawn_sweeper(Duration::from_secs(10));
-                Engine {
-                    broker,
-                    presence: Arc::new(MemoryPresence::default()),
-                    cursors: Arc::new(MemoryCursors::default()),
-                }
-            }
-            // Presence and cursors stay node-local until the Redis engine (issue 4).
-            EngineKind::Nats => Engine {
-                broker: NatsBroker::connect(&config, hub.clone()).await?,
-                presence: Arc::new(MemoryPresence::default()),
-                cursors: Arc::new(MemoryCursors::default()),
-            },
-        };
+        let connections = Arc::new(Connections::default());
         let id = if config.server.node_id.is_empty() {
             format!("node-{:06x}", fastrand::u32(..0x100_0000))
         } else {
             config.server.node_id.clone()
+        };
+        let broker: Arc<dyn Broker> = match config.engine.kind {
+            EngineKind::Memory => {
+                let broker = MemoryBroker::new(&config.namespaces, hub.clone());
+                broker.spawn_sweeper(Duration::from_secs(10));
+                broker
+            }
+            EngineKind::Nats => NatsBroker::connect(&config, hub.clone()).await?,
+        };
+        let engine = if config.redis.url.is_empty() {
+            if config.engine.kind == EngineKind::Nats {
+                tracing::warn!("no redis.url: presence, cursors and control stay node-local");
+            }
+            let me = NodeInfo {
+                id: id.clone(),
+                address: advertised(&config),
+                region: config.server.region.clone(),
+                connections: 0,
+                started_at: unix_ms(),
+                heartbeat_at: 0,
+            };
+            Engine {
+                broker,
+                presence: Arc::new(MemoryPresence::new(Arc::clone(&connections), &id)),
+                cursors: Arc::new(MemoryCursors::default()),
+                control: Arc::new(MemoryControl::new(
+                    Arc::clone(&connections),
+                    hub.clone(),
+                    me,
+                )),
+            }
+        } else {
+            let parts = redis::connect(&config, &id, hub.clone(), Arc::clone(&connections)).await?;
+            Engine {
+                broker,
+                presence: parts.presence,
+                cursors: parts.cursors,
+                control: parts.control,
+            }
         };
         Ok(Arc::new(Node {
             id,
@@ -91,8 +127,9 @@ impl Node {
             verifier,
             engine,
             hub,
+            connections,
             shutdown: Shutdown::default(),
-            connections: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),
             released: Notify::new(),
         }))
@@ -106,7 +143,7 @@ impl Node {
     /// Takes a connection slot for `user`, within the node and per-user limits.
     pub fn admit(self: &Arc<Self>, user: &Arc<str>) -> Result<ConnectionSlot, Admission> {
         let mut per_user = self.per_user.lock();
-        if self.connections.load(Ordering::Relaxed) >= self.config.server.max_connections {
+        if self.admitted.load(Ordering::Relaxed) >= self.config.server.max_connections {
             return Err(Admission::NodeFull);
         }
         let n = per_user.entry(Arc::clone(user)).or_insert(0);
@@ -114,7 +151,7 @@ impl Node {
             return Err(Admission::UserFull);
         }
         *n += 1;
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.admitted.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot {
             node: Arc::clone(self),
             user: Arc::clone(user),
@@ -123,7 +160,7 @@ impl Node {
 
     /// Open client connections.
     pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
+        self.admitted.load(Ordering::Relaxed)
     }
 
     /// Ready for traffic: not draining, and the engine's backbone is reachable.

@@ -30,12 +30,16 @@ pub mod code {
     pub const BAD_TOKEN: u16 = 114;
     pub const NOT_ENABLED: u16 = 115;
     pub const BINARY_FRAME: u16 = 116;
+    /// Presence, cursors or control need Redis, which is unreachable; retry later.
+    pub const DEGRADED: u16 = 117;
 }
 
 /// Close codes for fatal conditions.
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const TOKEN_EXPIRED: u16 = 4002;
+    /// Disconnected by an operator, or the token was revoked.
+    pub const KICKED: u16 = 4003;
     pub const IDLE_TIMEOUT: u16 = 4005;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const RATE_LIMIT: u16 = 4009;
@@ -74,6 +78,9 @@ pub enum Command {
     },
     Presence {
         channel: String,
+        /// A previous reply's `next`, for the following page.
+        cursor: Option<String>,
+        limit: Option<usize>,
     },
     Refresh {
         token: String,
@@ -109,6 +116,8 @@ struct Envelope<'a> {
     limit: Option<usize>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 /// Just the id of a frame whose other fields did not parse.
@@ -192,6 +201,8 @@ pub fn parse(text: &str) -> Result<(Option<RequestId>, Command), Rejection> {
         },
         "presence" => Command::Presence {
             channel: channel(kind)?,
+            cursor: env.cursor.as_deref().map(str::to_string),
+            limit: env.limit,
         },
         "refresh" => Command::Refresh {
             token: env

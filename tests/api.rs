@@ -184,3 +184,107 @@ async fn api_errors_are_json_with_codes() {
     .await;
     assert_eq!((status, b["code"].as_u64()), (413, Some(111)));
 }
+
+#[tokio::test]
+async fn users_presence_nodes_and_control_on_a_single_node() {
+    let mut cfg = config();
+    cfg.server.node_id = "solo".into();
+    cfg.server.region = "eu-west".into();
+    let gw = start(cfg).await;
+    let caps = ["chat.>=sub+presence"];
+    let mut a = connect_as(gw.addr, "ann", &caps).await;
+    let mut b = connect_as(gw.addr, "bob", &caps).await;
+    a.subscribe("chat.room.api").await;
+    b.subscribe("chat.room.api").await;
+
+    let (s, user) = api(gw.addr, "GET", "/api/v1/users/ann", None).await;
+    assert_eq!((s, &user["online"]), (200, &json!(true)), "{user}");
+    assert_eq!(user["connections"][0]["node"], "solo");
+    let (_, nobody) = api(gw.addr, "GET", "/api/v1/users/nobody", None).await;
+    assert_eq!(nobody["online"], false);
+
+    let (_, stats) = api(gw.addr, "GET", "/api/v1/presence/chat.room.api/stats", None).await;
+    assert_eq!((&stats["clients"], &stats["users"]), (&json!(2), &json!(2)));
+    let (_, page) = api(
+        gw.addr,
+        "GET",
+        "/api/v1/presence/chat.room.api?limit=1",
+        None,
+    )
+    .await;
+    assert_eq!(page["clients"].as_array().unwrap().len(), 1);
+    let next = page["next"].as_str().expect("a next page").to_string();
+    let (_, page2) = api(
+        gw.addr,
+        "GET",
+        &format!("/api/v1/presence/chat.room.api?limit=1&cursor={next}"),
+        None,
+    )
+    .await;
+    assert_eq!(page2["clients"].as_array().unwrap().len(), 1);
+    assert_ne!(page["clients"][0], page2["clients"][0]);
+    assert!(page2["next"].is_null(), "{page2}");
+    let (s, body) = api(gw.addr, "GET", "/api/v1/presence/open.x", None).await;
+    assert_eq!(
+        (s, &body["code"]),
+        (400, &json!(115)),
+        "no presence in open"
+    );
+
+    let (_, nodes) = api(gw.addr, "GET", "/api/v1/nodes", None).await;
+    assert_eq!(nodes["nodes"][0]["id"], "solo");
+    assert_eq!(nodes["nodes"][0]["region"], "eu-west");
+    assert_eq!(nodes["nodes"][0]["connections"], 2);
+
+    let (s, _) = api(gw.addr, "POST", "/api/v1/users/bob/disconnect", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(b.expect_close().await.0, 4003);
+    a.ping().await;
+
+    // A revoked token id is refused and its connection closed.
+    let claims = switchyard::auth::Claims {
+        sub: "ann".into(),
+        exp: now() + 60,
+        nbf: None,
+        iat: None,
+        jti: Some("cat-token".into()),
+        iss: None,
+        aud: None,
+        caps: vec![],
+    };
+    let t = sign(&claims, SECRET);
+    let mut cat = connect(gw.addr, &t).await;
+    let (s, r) = api(gw.addr, "POST", "/api/v1/tokens/cat-token/revoke", None).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(cat.expect_close().await.0, 4003);
+    let refused = try_connect_with(gw.addr, "", &[("authorization", &format!("Bearer {t}"))])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!((refused.status, &refused.body["code"]), (401, &json!(206)));
+    // `refresh` to a revoked token is refused as well.
+    let (r, _) = a.request(json!({"type": "refresh", "token": t})).await;
+    assert_eq!((&r["type"], &r["code"]), (&json!("error"), &json!(114)));
+    assert!(r["reason"].as_str().unwrap().contains("revoked"), "{r}");
+}
+
+#[tokio::test]
+async fn control_api_rejects_bad_input() {
+    let gw = start(config()).await;
+    let (s, b) = api(
+        gw.addr,
+        "POST",
+        "/api/v1/tokens/x/revoke",
+        Some(json!({"expires": 5})),
+    )
+    .await;
+    assert_eq!((s, &b["code"]), (400, &json!(101)), "unknown field: {b}");
+    let (s, _) = api(gw.addr, "POST", "/api/v1/users/%FF/disconnect", None).await;
+    assert_eq!(s, 400, "not UTF-8");
+    let (s, _) = api(gw.addr, "GET", "/api/v1/users/a%2Fb", None).await;
+    assert_eq!(s, 400, "a slash in a user id");
+    let (s, _) = api(gw.addr, "GET", "/api/v1/presence/bad..channel/stats", None).await;
+    assert_eq!(s, 400);
+    let (s, _) = api(gw.addr, "DELETE", "/api/v1/nodes", None).await;
+    assert_eq!(s, 404);
+}

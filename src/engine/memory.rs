@@ -4,7 +4,8 @@
 //! Seq assignment, storage and live delivery of one channel happen under that
 //! channel's lock, so every subscriber sees a channel in seq order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,11 +13,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::{
-    BoxFuture, Broker, ClientInfo, Cursors, EngineError, HistoryFrom, HistoryPage, LiveSink,
-    Position, Presence, Publication, PublishRequest, Published,
+    BoxFuture, Broker, ClientInfo, Control, Cursors, DeviceCursor, EngineError, HistoryFrom,
+    HistoryPage, JoinLeave, LiveSink, NodeInfo, Position, Presence, PresencePage, PresenceStats,
+    Publication, PublishRequest, Published,
 };
 use crate::channel::Channel;
 use crate::config::NamespaceConfig;
+use crate::connections::Connections;
+use crate::hub::Hub;
 
 /// Current Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
@@ -308,9 +312,22 @@ impl Broker for MemoryBroker {
 }
 
 /// Presence of the memory engine.
-#[derive(Default)]
 pub struct MemoryPresence {
-    channels: Mutex<HashMap<Channel, HashMap<String, ClientInfo>>>,
+    channels: Mutex<HashMap<Channel, BTreeMap<String, ClientInfo>>>,
+    /// A user's connections are the node's own: the index answers for them.
+    connections: Arc<Connections>,
+    node: String,
+}
+
+impl MemoryPresence {
+    /// Presence of one node, answering user queries from its connection index.
+    pub fn new(connections: Arc<Connections>, node: &str) -> Self {
+        MemoryPresence {
+            channels: Mutex::default(),
+            connections,
+            node: node.to_string(),
+        }
+    }
 }
 
 impl Presence for MemoryPresence {
@@ -338,17 +355,62 @@ impl Presence for MemoryPresence {
         Box::pin(async { Ok(()) })
     }
 
-    fn list<'a>(
+    fn page<'a>(
         &'a self,
         channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>> {
-        let mut list: Vec<ClientInfo> = self
-            .channels
-            .lock()
-            .get(channel)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        list.sort_by(|a, b| (a.since, &a.conn_id).cmp(&(b.since, &b.conn_id)));
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<PresencePage, EngineError>> {
+        let mut page = PresencePage::default();
+        if let Some(members) = self.channels.lock().get(channel) {
+            // Pages in conn_id order: the cursor is the last conn_id returned.
+            let from = match cursor {
+                Some(c) => Bound::Excluded(c.to_string()),
+                None => Bound::Unbounded,
+            };
+            let mut rest = members.range((from, Bound::Unbounded));
+            page.clients = rest.by_ref().take(limit).map(|(_, i)| i.clone()).collect();
+            if rest.next().is_some() {
+                page.next = page.clients.last().map(|i| i.conn_id.clone());
+            }
+        }
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn stats<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
+        let stats = match self.channels.lock().get(channel) {
+            Some(members) => {
+                let users: HashSet<&str> = members.values().map(|i| i.user.as_str()).collect();
+                PresenceStats {
+                    clients: members.len() as u64,
+                    users: users.len() as u64,
+                }
+            }
+            None => PresenceStats {
+                clients: 0,
+                users: 0,
+            },
+        };
+        Box::pin(async move { Ok(stats) })
+    }
+
+    fn connect(&self, _info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn disconnect<'a>(
+        &'a self,
+        _user: &'a str,
+        _conn_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>> {
+        let list = self.connections.of_user(user, &self.node);
         Box::pin(async move { Ok(list) })
     }
 }
@@ -387,6 +449,90 @@ impl Cursors for MemoryCursors {
             .get(&(user.to_string(), device.to_string(), channel.clone()))
             .copied();
         Box::pin(async move { Ok(seq) })
+    }
+
+    fn list<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<DeviceCursor>, EngineError>> {
+        let mut list: Vec<DeviceCursor> = self
+            .cursors
+            .lock()
+            .iter()
+            .filter(|((u, _, _), _)| u == user)
+            .map(|((_, device, channel), seq)| DeviceCursor {
+                device: device.clone(),
+                channel: channel.to_string(),
+                seq: *seq,
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.device, &a.channel).cmp(&(&b.device, &b.channel)));
+        Box::pin(async move { Ok(list) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Control of the memory engine: commands act on this node's connections, and
+/// the registry is this node alone.
+pub struct MemoryControl {
+    connections: Arc<Connections>,
+    hub: Arc<Hub>,
+    revoked: Mutex<HashMap<String, u64>>,
+    me: NodeInfo,
+}
+
+impl MemoryControl {
+    /// Control for the node described by `me`.
+    pub fn new(connections: Arc<Connections>, hub: Arc<Hub>, me: NodeInfo) -> Self {
+        MemoryControl {
+            connections,
+            hub,
+            revoked: Mutex::default(),
+            me,
+        }
+    }
+}
+
+impl Control for MemoryControl {
+    fn disconnect<'a>(
+        &'a self,
+        user: &'a str,
+        device: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.connections
+            .kick_user(user, device, "disconnected by the server");
+        Box::pin(async { Ok(()) })
+    }
+
+    fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>> {
+        let now = unix_ms();
+        let mut revoked = self.revoked.lock();
+        revoked.retain(|_, until| *until > now);
+        revoked.insert(jti.to_string(), until_ms);
+        drop(revoked);
+        self.connections.kick_token(jti, "token revoked");
+        Box::pin(async { Ok(()) })
+    }
+
+    fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked
+            .lock()
+            .get(jti)
+            .is_some_and(|until| *until > unix_ms())
+    }
+
+    fn announce(&self, event: JoinLeave) {
+        if let Ok(channel) = Channel::parse(&event.channel) {
+            self.hub
+                .broadcast(&channel, &crate::protocol::encode(&event));
+        }
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
+        let mut me = self.me.clone();
+        me.connections = self.connections.count() as u64;
+        me.heartbeat_at = unix_ms();
+        Box::pin(async move { Ok(vec![me]) })
     }
 }
 

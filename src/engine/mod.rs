@@ -1,11 +1,13 @@
 //! The engine boundary: what carries publications ([`Broker`]), who is where
-//! ([`Presence`]) and how far each device has read ([`Cursors`]).
+//! ([`Presence`]), how far each device has read ([`Cursors`]) and what acts on
+//! connections across nodes ([`Control`]).
 //!
 //! The memory engine implements all three for one node; cluster engines plug in
 //! behind the same traits, so sessions and the hub never know which one runs.
 
 pub mod memory;
 pub mod nats;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -142,6 +144,9 @@ pub enum EngineError {
     Unavailable(String),
     /// The request cannot succeed (e.g. unknown namespace).
     Rejected(String),
+    /// The shared store (Redis) is unreachable: presence, cursors and control are
+    /// degraded while delivery goes on; the client may retry.
+    Degraded(String),
 }
 
 impl std::fmt::Display for EngineError {
@@ -149,6 +154,7 @@ impl std::fmt::Display for EngineError {
         match self {
             EngineError::Unavailable(m) => write!(f, "unavailable: {m}"),
             EngineError::Rejected(m) => write!(f, "rejected: {m}"),
+            EngineError::Degraded(m) => write!(f, "degraded: {m}"),
         }
     }
 }
@@ -189,27 +195,72 @@ pub struct ClientInfo {
     pub user: String,
     pub device: String,
     pub node: String,
-    /// Unix milliseconds when it joined the channel.
+    /// Unix milliseconds when it joined the channel (or connected, for a user's connections).
     pub since: u64,
 }
 
-/// Who is subscribed to a channel.
+/// One page of a channel's members.
+#[derive(Debug, Default)]
+pub struct PresencePage {
+    pub clients: Vec<ClientInfo>,
+    /// Opaque cursor for the next page; `None` when this was the last.
+    pub next: Option<String>,
+}
+
+/// A channel's member counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PresenceStats {
+    /// Connections subscribed.
+    pub clients: u64,
+    /// Distinct users among them.
+    pub users: u64,
+}
+
+/// Who is subscribed to which channel, and which users are connected (DESIGN §2).
 pub trait Presence: Send + Sync {
+    /// Records a connection as a member of `channel`.
     fn join(&self, channel: &Channel, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>>;
+    /// Removes a connection from `channel`.
     fn leave<'a>(
         &'a self,
         channel: &'a Channel,
         conn_id: &'a str,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
-    fn list<'a>(
+    /// Up to `limit` members, continuing from `cursor` (a previous page's `next`).
+    fn page<'a>(
         &'a self,
         channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>>;
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<PresencePage, EngineError>>;
+    /// Member counts, without loading the members.
+    fn stats<'a>(
+        &'a self,
+        channel: &'a Channel,
+    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>>;
+    /// Records a connection of a user (whether the user is online anywhere).
+    fn connect(&self, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>>;
+    /// Removes a connection of a user.
+    fn disconnect<'a>(
+        &'a self,
+        user: &'a str,
+        conn_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// A user's open connections on every node.
+    fn user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>>;
+}
+
+/// One device's cursor on one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceCursor {
+    pub device: String,
+    pub channel: String,
+    pub seq: u64,
 }
 
 /// Per user+device read cursors (acked namespaces, DESIGN §4.5).
 pub trait Cursors: Send + Sync {
-    /// Moves the cursor forward to `seq`; never back.
+    /// Moves the cursor forward to `seq`; never back. May be buffered (see [`Cursors::flush`]).
     fn ack<'a>(
         &'a self,
         user: &'a str,
@@ -217,13 +268,68 @@ pub trait Cursors: Send + Sync {
         channel: &'a Channel,
         seq: u64,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
-    /// The highest acked seq, if any.
+    /// The highest acked seq, if any, including acks not yet written.
     fn get<'a>(
         &'a self,
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, EngineError>>;
+    /// Every cursor of every device of a user.
+    fn list<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<DeviceCursor>, EngineError>>;
+    /// Writes buffered acks now (a device disconnects and may resume on another node).
+    fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>>;
+}
+
+/// A member joined or left a channel (namespaces with `join_leave`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinLeave {
+    /// `join` or `leave`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub channel: String,
+    pub user: String,
+    pub device: String,
+}
+
+/// A gateway node as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub address: String,
+    pub region: String,
+    pub connections: u64,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    /// Unix milliseconds of the last heartbeat.
+    pub heartbeat_at: u64,
+}
+
+/// Commands that act on connections wherever they are, the node registry, and
+/// join/leave events (DESIGN §5 control bus).
+pub trait Control: Send + Sync {
+    /// Closes the user's connections (one device's, if given) on every node with 4003.
+    fn disconnect<'a>(
+        &'a self,
+        user: &'a str,
+        device: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// Refuses a token id until `until_ms` and closes connections using it, on every node.
+    fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// Whether a token id is revoked (a local lookup: no round trip per connect).
+    fn is_revoked(&self, jti: &str) -> bool;
+    /// Delivers a join/leave event to the channel's subscribers on every node.
+    fn announce(&self, event: JoinLeave);
+    /// Live nodes.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>>;
+    /// State of the shared store, for readiness: `None` when there is none.
+    fn store_up(&self) -> Option<bool> {
+        None
+    }
+    /// Leaves the cluster: flushes and removes this node's entries (clean shutdown).
+    fn leave_cluster(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The engine a node runs on.
@@ -232,4 +338,5 @@ pub struct Engine {
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<dyn Presence>,
     pub cursors: Arc<dyn Cursors>,
+    pub control: Arc<dyn Control>,
 }

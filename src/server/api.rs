@@ -1,4 +1,5 @@
-//! The server HTTP API for backends (DESIGN §6): publish, broadcast, history.
+//! The server HTTP API for backends (DESIGN §6): publish, broadcast, history,
+//! presence, users and their cursors, disconnect, token revocation, nodes.
 //! Every call needs `Authorization: apikey <key>`; with no key configured the
 //! API is closed.
 
@@ -14,6 +15,7 @@ use tracing::Instrument;
 use super::{error, json, Body};
 use crate::channel::Channel;
 use crate::config::NamespaceConfig;
+use crate::engine::memory::unix_ms;
 use crate::engine::{EngineError, HistoryFrom, Position, PublicationList, PublishRequest};
 use crate::node::Node;
 use crate::protocol::code;
@@ -171,6 +173,7 @@ fn engine_error(e: EngineError) -> (StatusCode, u16, String) {
     match e {
         EngineError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, m),
         EngineError::Rejected(m) => (StatusCode::BAD_REQUEST, code::BAD_FIELD, m),
+        EngineError::Degraded(m) => (StatusCode::SERVICE_UNAVAILABLE, code::DEGRADED, m),
     }
 }
 
@@ -267,6 +270,192 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
                 }
             }
         }
+        (Method::GET, "/api/v1/nodes") => match node.engine.control.nodes().await {
+            Ok(nodes) => json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })),
+            Err(e) => engine_response(e),
+        },
+        (Method::GET, p) if p.starts_with("/api/v1/presence/") => {
+            let rest = &p["/api/v1/presence/".len()..];
+            let (name, stats) = match rest.strip_suffix("/stats") {
+                Some(name) => (name, true),
+                None => (rest, false),
+            };
+            presence(&node, &req, name, stats).await
+        }
+        (Method::GET, p) if p.starts_with("/api/v1/users/") => {
+            let rest = &p["/api/v1/users/".len()..];
+            match rest.strip_suffix("/cursors") {
+                Some(user) => match decode(user) {
+                    Some(user) => match node.engine.cursors.list(&user).await {
+                        Ok(cursors) => json(
+                            StatusCode::OK,
+                            &serde_json::json!({"user": user, "cursors": cursors}),
+                        ),
+                        Err(e) => engine_response(e),
+                    },
+                    None => bad_user(),
+                },
+                None => match decode(rest) {
+                    Some(user) => match node.engine.presence.user(&user).await {
+                        Ok(conns) => json(
+                            StatusCode::OK,
+                            &serde_json::json!({
+                                "user": user,
+                                "online": !conns.is_empty(),
+                                "connections": conns,
+                            }),
+                        ),
+                        Err(e) => engine_response(e),
+                    },
+                    None => bad_user(),
+                },
+            }
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/users/") && p.ends_with("/disconnect") => {
+            let raw = &p["/api/v1/users/".len()..p.len() - "/disconnect".len()];
+            let Some(user) = decode(raw) else {
+                return bad_user();
+            };
+            let b: DisconnectBody = match optional_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            match node
+                .engine
+                .control
+                .disconnect(&user, b.device.as_deref())
+                .await
+            {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"user": user, "device": b.device}),
+                ),
+                Err(e) => engine_response(e),
+            }
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
+            let raw = &p["/api/v1/tokens/".len()..p.len() - "/revoke".len()];
+            let Some(jti) = decode(raw) else {
+                return error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid token id");
+            };
+            let b: RevokeBody = match optional_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            // Kept until the token would expire; without that, for `revocation_ttl`.
+            let until_ms = match b.expires_at {
+                Some(secs) => secs.saturating_mul(1000),
+                None => unix_ms() + node.config.redis.revocation_ttl.as_millis() as u64,
+            };
+            match node.engine.control.revoke(&jti, until_ms).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"jti": jti, "revoked_until_ms": until_ms}),
+                ),
+                Err(e) => engine_response(e),
+            }
+        }
         _ => error(StatusCode::NOT_FOUND, 404, "no such API endpoint"),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    /// Only this device's connections.
+    device: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// The token's `exp` (Unix seconds): how long the revocation must be kept.
+    expires_at: Option<u64>,
+}
+
+/// A JSON body that may be absent (empty means all defaults).
+async fn optional_body<T: for<'de> Deserialize<'de> + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
+    let empty = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0")
+        || (req.headers().get(hyper::header::CONTENT_LENGTH).is_none()
+            && req
+                .headers()
+                .get(hyper::header::TRANSFER_ENCODING)
+                .is_none());
+    if empty {
+        return Ok(T::default());
+    }
+    body(req).await
+}
+
+/// A path segment, percent-decoded; `None` if empty, not UTF-8, or holding a `/`.
+fn decode(segment: &str) -> Option<String> {
+    let s = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    (!s.is_empty() && !s.contains('/')).then_some(s)
+}
+
+fn bad_user() -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid user id")
+}
+
+fn engine_response(e: EngineError) -> Response<Body> {
+    let (status, c, m) = engine_error(e);
+    error(status, c, &m)
+}
+
+#[derive(Serialize)]
+struct PresenceBody<'a> {
+    channel: &'a str,
+    clients: Vec<crate::engine::ClientInfo>,
+    next: Option<String>,
+}
+
+/// `GET /api/v1/presence/{channel}[?cursor=&limit=]` and `.../stats`.
+async fn presence(node: &Node, req: &Request<Incoming>, name: &str, stats: bool) -> Response<Body> {
+    let (channel, ns) = match resolve(node, name) {
+        Ok(r) => r,
+        Err((status, c, m)) => return error(status, c, &m),
+    };
+    if !ns.presence {
+        return error(
+            StatusCode::BAD_REQUEST,
+            code::NOT_ENABLED,
+            &format!("namespace {:?} has no presence", channel.namespace()),
+        );
+    }
+    let p = &node.engine.presence;
+    if stats {
+        return match p.stats(&channel).await {
+            Ok(s) => json(
+                StatusCode::OK,
+                &serde_json::json!({"channel": channel.as_str(), "clients": s.clients, "users": s.users}),
+            ),
+            Err(e) => engine_response(e),
+        };
+    }
+    let max = node.config.presence_page_max();
+    let limit = query_param(req, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(max)
+        .clamp(1, max);
+    let cursor = query_param(req, "cursor");
+    match p.page(&channel, cursor.as_deref(), limit).await {
+        Ok(page) => json(
+            StatusCode::OK,
+            &PresenceBody {
+                channel: channel.as_str(),
+                clients: page.clients,
+                next: page.next,
+            },
+        ),
+        Err(e) => engine_response(e),
     }
 }

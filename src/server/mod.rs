@@ -58,20 +58,32 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
     let resp = match (req.method(), path) {
         (&Method::GET, "/ws") => ws::upgrade(node, req),
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => {
-            if node.is_ready() {
-                json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-            } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &serde_json::json!({"status": "draining"}),
-                )
-            }
-        }
+        (&Method::GET, "/readyz") => readyz(&node),
         (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
         _ => error(StatusCode::NOT_FOUND, 404, "not found"),
     };
     Ok(resp)
+}
+
+/// Ready means: not draining and the broker's backbone is reachable. Redis being
+/// down does not make a node unready (delivery goes on, only presence, cursors and
+/// control are degraded, and every node shares the same Redis: pulling them all
+/// out of the load balancer would turn a degradation into an outage); the body
+/// says how Redis is.
+fn readyz(node: &Node) -> Response<Body> {
+    let redis = match node.engine.control.store_up() {
+        None => "none",
+        Some(true) => "up",
+        Some(false) => "down",
+    };
+    let (status, word) = if node.shutdown.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !node.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "backbone unreachable")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    json(status, &serde_json::json!({"status": word, "redis": redis}))
 }
 
 /// A node serving on a bound listener.
@@ -145,5 +157,10 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
             }
         });
     }
+    // Sessions removed their presence as they closed; what is left is the node's own.
+    if let Err(e) = node.engine.cursors.flush().await {
+        tracing::warn!(error = %e, "buffered acks could not be written before exit");
+    }
+    node.engine.control.leave_cluster().await;
     tracing::info!("stopped");
 }

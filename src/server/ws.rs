@@ -104,6 +104,13 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             Err(e) => return unauthorized(&e),
         },
     };
+    if identity
+        .jti
+        .as_deref()
+        .is_some_and(|jti| node.engine.control.is_revoked(jti))
+    {
+        return unauthorized(&AuthError::REVOKED);
+    }
     let slot = match node.admit(&identity.user) {
         Ok(slot) => slot,
         Err(Admission::NodeFull) => {

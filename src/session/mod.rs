@@ -25,9 +25,10 @@ use tracing::Instrument;
 use crate::auth::{Identity, Permission};
 use crate::channel::Channel;
 use crate::config::NamespaceConfig;
+use crate::connections::Conn;
 use crate::engine::memory::unix_ms;
 use crate::engine::{
-    ClientInfo, EngineError, HistoryFrom, Position, PublicationList, PublishRequest,
+    ClientInfo, EngineError, HistoryFrom, JoinLeave, Position, PublicationList, PublishRequest,
 };
 use crate::hub::Subscription;
 use crate::node::{ConnectionSlot, Node};
@@ -60,6 +61,10 @@ impl From<EngineError> for Failure {
                 format!("temporarily unavailable, retry: {m}"),
             ),
             EngineError::Rejected(m) => Failure::new(code::BAD_FIELD, m),
+            EngineError::Degraded(m) => Failure::new(
+                code::DEGRADED,
+                format!("presence and cursors are degraded, retry: {m}"),
+            ),
         }
     }
 }
@@ -77,6 +82,9 @@ pub struct Session {
     subs: HashMap<Channel, Arc<Subscription>>,
     limiter: RateLimiter,
     violations: u32,
+    /// Whether this connection acked anything: its cursors are written on disconnect.
+    acked: bool,
+    since: u64,
 }
 
 #[derive(Serialize)]
@@ -95,15 +103,9 @@ struct HistoryReply<'a> {
 struct PresenceReply<'a> {
     channel: &'a str,
     clients: Vec<ClientInfo>,
-}
-
-#[derive(Serialize)]
-struct JoinLeave<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    channel: &'a str,
-    user: &'a str,
-    device: &'a str,
+    /// Cursor of the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 /// Serves an upgraded connection until it closes.
@@ -178,8 +180,11 @@ async fn run<R, W>(
         identity,
         subs: HashMap::new(),
         violations: 0,
+        acked: false,
+        since: unix_ms(),
     };
     tracing::debug!(conn = %session.conn_id, user = %session.identity.user, "connected");
+    Box::pin(session.register()).await;
 
     loop {
         let frame = tokio::select! {
@@ -261,6 +266,7 @@ async fn finish<R: AsyncRead + Unpin>(
     slot: ConnectionSlot,
 ) {
     session.cleanup().await;
+    session.unregister().await;
     // Closing handshake: keep reading (and discarding) until the client answers our
     // close or goes away. Dropping a socket with unread input makes the kernel send a
     // reset, which would destroy the close frame still on its way to the client.
@@ -283,6 +289,66 @@ async fn finish<R: AsyncRead + Unpin>(
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Session {
+    fn client_info(&self, since: u64) -> ClientInfo {
+        ClientInfo {
+            conn_id: self.conn_id.to_string(),
+            user: self.identity.user.to_string(),
+            device: self.device.to_string(),
+            node: self.node.id.clone(),
+            since,
+        }
+    }
+
+    /// Makes the connection reachable by control commands and visible as the
+    /// user's; a token revoked while this connection was being set up closes it.
+    async fn register(&self) {
+        let jti: Option<Arc<str>> = self.identity.jti.as_deref().map(Arc::from);
+        self.node.connections.insert(
+            &self.identity.user,
+            Conn {
+                conn_id: Arc::clone(&self.conn_id),
+                device: Arc::clone(&self.device),
+                jti: jti.clone(),
+                since: self.since,
+                outbox: Arc::clone(&self.link.outbox),
+            },
+        );
+        if jti.is_some_and(|j| self.node.engine.control.is_revoked(&j)) {
+            self.link.outbox.close(close::KICKED, "token revoked", true);
+            return;
+        }
+        if let Err(e) = self
+            .node
+            .engine
+            .presence
+            .connect(self.client_info(self.since))
+            .await
+        {
+            tracing::debug!(error = %e, "user presence not recorded");
+        }
+    }
+
+    async fn unregister(&self) {
+        self.node
+            .connections
+            .remove(&self.identity.user, &self.conn_id);
+        let engine = &self.node.engine;
+        // The device may resume on another node at once: its cursor must be there
+        // before the user shows as gone.
+        if self.acked {
+            if let Err(e) = engine.cursors.flush().await {
+                tracing::warn!(error = %e, "acks of a closed connection stay buffered");
+            }
+        }
+        if let Err(e) = engine
+            .presence
+            .disconnect(&self.identity.user, &self.conn_id)
+            .await
+        {
+            tracing::debug!(error = %e, "user presence not removed");
+        }
+    }
+
     fn reply_error(&self, id: Option<&RawValue>, code: u16, reason: &str) {
         self.link
             .outbox
@@ -337,7 +403,11 @@ impl Session {
                 since,
                 limit,
             } => self.history(id, &channel, since, limit).await,
-            Command::Presence { channel } => self.presence(id, &channel).await,
+            Command::Presence {
+                channel,
+                cursor,
+                limit,
+            } => self.presence(id, &channel, cursor, limit).await,
             Command::Refresh { token } => self.refresh(id, &token),
             Command::Ping => {
                 self.link
@@ -468,29 +538,22 @@ impl Session {
     }
 
     async fn join_presence(&self, channel: &Channel, ns: &NamespaceConfig) {
-        let info = ClientInfo {
-            conn_id: self.conn_id.to_string(),
-            user: self.identity.user.to_string(),
-            device: self.device.to_string(),
-            node: self.node.id.clone(),
-            since: unix_ms(),
-        };
+        let info = self.client_info(unix_ms());
         if let Err(e) = self.node.engine.presence.join(channel, info).await {
             tracing::warn!(error = %e, %channel, "presence join failed");
         }
         if ns.join_leave {
-            self.broadcast_join_leave("join", channel);
+            self.announce("join", channel);
         }
     }
 
-    fn broadcast_join_leave(&self, kind: &'static str, channel: &Channel) {
-        let frame = protocol::encode(&JoinLeave {
-            kind,
-            channel: channel.as_str(),
-            user: &self.identity.user,
-            device: &self.device,
+    fn announce(&self, kind: &str, channel: &Channel) {
+        self.node.engine.control.announce(JoinLeave {
+            kind: kind.to_string(),
+            channel: channel.to_string(),
+            user: self.identity.user.to_string(),
+            device: self.device.to_string(),
         });
-        self.node.hub.broadcast(channel, &frame);
     }
 
     async fn leave(&self, sub: &Arc<Subscription>) {
@@ -508,7 +571,7 @@ impl Session {
                     tracing::warn!(error = %e, channel = %sub.channel, "presence leave failed");
                 }
                 if ns.join_leave {
-                    self.broadcast_join_leave("leave", &sub.channel);
+                    self.announce("leave", &sub.channel);
                 }
             }
         }
@@ -597,6 +660,7 @@ impl Session {
             .cursors
             .ack(&self.identity.user, &self.device, &channel, seq)
             .await?;
+        self.acked = true;
         Ok(())
     }
 
@@ -632,7 +696,13 @@ impl Session {
         Ok(())
     }
 
-    async fn presence(&mut self, id: Option<&RawValue>, name: &str) -> Outcome {
+    async fn presence(
+        &mut self,
+        id: Option<&RawValue>,
+        name: &str,
+        cursor: Option<String>,
+        limit: Option<usize>,
+    ) -> Outcome {
         let (channel, ns) = self.resolve(name)?;
         if !ns.presence {
             return Err(Failure::new(
@@ -641,13 +711,21 @@ impl Session {
             ));
         }
         self.require(&ns, Permission::Presence, &channel)?;
-        let clients = self.node.engine.presence.list(&channel).await?;
+        let max = self.node.config.presence_page_max();
+        let limit = limit.unwrap_or(max).clamp(1, max);
+        let page = self
+            .node
+            .engine
+            .presence
+            .page(&channel, cursor.as_deref(), limit)
+            .await?;
         self.link.outbox.push_reply(protocol::reply(
             "presence",
             id,
             PresenceReply {
                 channel: channel.as_str(),
-                clients,
+                clients: page.clients,
+                next: page.next,
             },
         ));
         Ok(())
@@ -664,6 +742,19 @@ impl Session {
                 "refresh refused: token is for another user",
             ));
         }
+        if let Some(jti) = identity.jti.as_deref() {
+            if self.node.engine.control.is_revoked(jti) {
+                return Err(Failure::new(
+                    code::BAD_TOKEN,
+                    "refresh refused: token revoked",
+                ));
+            }
+        }
+        self.node.connections.set_token(
+            &self.identity.user,
+            &self.conn_id,
+            identity.jti.as_deref().map(Arc::from),
+        );
         self.link
             .expires_at
             .store(identity.expires_at, Ordering::Relaxed);

@@ -753,3 +753,139 @@ pub async fn snapshot_check(publish_on: SocketAddr, subscribe_on: SocketAddr) {
         assert_eq!(&c.recv_type("msg").await["seq"], want);
     }
 }
+
+/// A real `redis-server` on a free loopback port, without persistence, stopped by PID.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` from the PATH (`.ci/run` installs Debian's package).
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RedisServer {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.restart();
+        server
+    }
+
+    /// (Re)starts on the same port, empty, and waits until it answers PING.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server (.ci/run installs it): {e}"));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if self.ping() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server becomes ready"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let mut buf = [0u8; 16];
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// Stops the server (SIGKILL: an outage, not a goodbye) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A connection for checking what the gateway wrote.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A node config on NATS and Redis, with short presence timers.
+pub fn redis_config(nats: &NatsServer, redis: &RedisServer, node: &str) -> Config {
+    let mut c = cluster_config(nats, node);
+    c.redis.url = redis.url.clone();
+    c.redis.heartbeat_interval = Duration::from_millis(250);
+    c.redis.presence_ttl = Duration::from_millis(1000);
+    c.redis.ack_flush_interval = Duration::from_millis(100);
+    c.redis.response_timeout = Duration::from_millis(500);
+    c.redis.connect_timeout = Duration::from_millis(500);
+    // Presence without acked cursors.
+    let mut lobby = NamespaceConfig::default();
+    lobby.presence = true;
+    lobby.allow = vec![
+        switchyard::auth::Permission::Sub,
+        switchyard::auth::Permission::Presence,
+    ];
+    c.namespaces.insert("lobby".into(), lobby);
+    c
+}
+
+/// Calls the server API with the key; returns status and body.
+pub async fn api(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let auth = format!("apikey {API_KEY}");
+    let body = body.map(|b| b.to_string());
+    http(
+        addr,
+        method,
+        path,
+        &[("authorization", &auth)],
+        body.as_deref(),
+    )
+    .await
+}
+
+/// Polls `check` until it returns `Some`, failing after `within`. For state that
+/// changes without an event the test can await (expiry, a restarted server).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

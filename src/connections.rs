@@ -1,0 +1,152 @@
+//! The node's index of its open connections by user, so control commands
+//! (disconnect a user or one device, revoke a token id) find the connections
+//! they act on, and a single node can answer who is connected.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::engine::ClientInfo;
+use crate::protocol::close;
+use crate::session::outbox::Outbox;
+
+/// One open connection as the index knows it.
+pub struct Conn {
+    pub conn_id: Arc<str>,
+    pub device: Arc<str>,
+    /// The token id the connection authenticated with (moved by `refresh`).
+    pub jti: Option<Arc<str>>,
+    /// Unix milliseconds.
+    pub since: u64,
+    pub outbox: Arc<Outbox>,
+}
+
+/// A user and its connections as `(conn_id, presence JSON)`.
+pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>)>);
+
+/// Open connections of this node, by user.
+#[derive(Default)]
+pub struct Connections {
+    by_user: Mutex<HashMap<Arc<str>, Vec<Conn>>>,
+    count: AtomicUsize,
+}
+
+impl Connections {
+    /// Adds a connection of `user`.
+    pub fn insert(&self, user: &Arc<str>, conn: Conn) {
+        self.by_user
+            .lock()
+            .entry(Arc::clone(user))
+            .or_default()
+            .push(conn);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Open connections indexed.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Removes a connection of `user`.
+    pub fn remove(&self, user: &str, conn_id: &str) {
+        let mut by_user = self.by_user.lock();
+        if let Some(list) = by_user.get_mut(user) {
+            let before = list.len();
+            list.retain(|c| &*c.conn_id != conn_id);
+            self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+            if list.is_empty() {
+                by_user.remove(user);
+            }
+        }
+    }
+
+    /// Records the token id a connection now uses.
+    pub fn set_token(&self, user: &str, conn_id: &str, jti: Option<Arc<str>>) {
+        if let Some(c) = self
+            .by_user
+            .lock()
+            .get_mut(user)
+            .and_then(|list| list.iter_mut().find(|c| &*c.conn_id == conn_id))
+        {
+            c.jti = jti;
+        }
+    }
+
+    /// Closes the user's connections (only `device`'s, if given) with 4003; returns how many.
+    pub fn kick_user(&self, user: &str, device: Option<&str>, reason: &str) -> usize {
+        let by_user = self.by_user.lock();
+        let Some(list) = by_user.get(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in list
+            .iter()
+            .filter(|c| device.is_none_or(|d| *c.device == *d))
+        {
+            c.outbox.close(close::KICKED, reason, true);
+            n += 1;
+        }
+        n
+    }
+
+    /// Closes every connection authenticated with token id `jti` with 4003; returns how many.
+    pub fn kick_token(&self, jti: &str, reason: &str) -> usize {
+        // A scan: revocations are rare, and an index by token id would cost every
+        // connection memory for them.
+        let by_user = self.by_user.lock();
+        let mut n = 0;
+        for c in by_user.values().flatten() {
+            if c.jti.as_deref() == Some(jti) {
+                c.outbox.close(close::KICKED, reason, true);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every connection as `(user, [(conn_id, presence JSON)])`, for the Redis heartbeat.
+    pub fn snapshot(&self, node: &str) -> Vec<UserConnections> {
+        let by_user = self.by_user.lock();
+        by_user
+            .iter()
+            .map(|(user, list)| {
+                let entries = list
+                    .iter()
+                    .map(|c| {
+                        let info = ClientInfo {
+                            conn_id: c.conn_id.to_string(),
+                            user: user.to_string(),
+                            device: c.device.to_string(),
+                            node: node.to_string(),
+                            since: c.since,
+                        };
+                        let json = serde_json::to_string(&info).unwrap_or_default();
+                        (Arc::clone(&c.conn_id), Arc::from(json))
+                    })
+                    .collect();
+                (Arc::clone(user), entries)
+            })
+            .collect()
+    }
+
+    /// The user's connections on this node.
+    pub fn of_user(&self, user: &str, node: &str) -> Vec<ClientInfo> {
+        self.by_user
+            .lock()
+            .get(user)
+            .map(|list| {
+                list.iter()
+                    .map(|c| ClientInfo {
+                        conn_id: c.conn_id.to_string(),
+                        user: user.to_string(),
+                        device: c.device.to_string(),
+                        node: node.to_string(),
+                        since: c.since,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,274 @@
+//! The control bus over Redis pub/sub: disconnect a user or device and revoke a
+//! token id on every node, carry join/leave events between nodes, and list the
+//! node registry.
+//!
+//! Revoked token ids are also kept in the `revoked` sorted set until they would
+//! expire; every node holds them in memory (loaded at start and after any Redis
+//! trouble), so checking a token on connect costs no round trip.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use redis::{PushInfo, PushKind, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{json_list, push_message, Store};
+use crate::channel::Channel;
+use crate::connections::Connections;
+use crate::engine::memory::unix_ms;
+use crate::engine::{BoxFuture, Control, EngineError, JoinLeave, NodeInfo};
+use crate::hub::Hub;
+
+/// A command on the control channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Command {
+    Disconnect {
+        user: String,
+        device: Option<String>,
+    },
+    Revoke {
+        jti: String,
+        until: u64,
+    },
+}
+
+/// A join/leave event with the node it happened on (which delivered it already).
+#[derive(Debug, Serialize, Deserialize)]
+struct Event {
+    origin: String,
+    #[serde(flatten)]
+    event: JoinLeave,
+}
+
+/// Control of the Redis engine.
+pub struct RedisControl {
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    connections: Arc<Connections>,
+    /// Token id → Unix ms until which it is refused.
+    revoked: Mutex<HashMap<String, u64>>,
+}
+
+impl RedisControl {
+    pub(super) fn new(store: Arc<Store>, hub: Arc<Hub>, connections: Arc<Connections>) -> Self {
+        RedisControl {
+            store,
+            hub,
+            connections,
+            revoked: Mutex::default(),
+        }
+    }
+
+    /// Subscribes to the control and event channels (the connection manager
+    /// subscribes again after every reconnect).
+    pub(super) async fn subscribe(&self) -> Result<(), EngineError> {
+        let mut conn = self.store.conn.clone();
+        for channel in [self.store.keys.control(), self.store.keys.join_leave()] {
+            conn.subscribe(&channel)
+                .await
+                .map_err(|e| self.store.failed(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces expired revocations with what Redis holds (it may have missed
+    /// messages while it was unreachable). Local entries Redis lost (a restart
+    /// without persistence) are kept until they expire.
+    pub(super) async fn reload_revoked(&self) -> Result<(), EngineError> {
+        let now = unix_ms();
+        let key = self.store.keys.revoked();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now)
+            .ignore();
+        pipe.cmd("ZRANGE")
+            .arg(&key)
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("WITHSCORES");
+        let reply = self.store.exec(&pipe).await?.pop().unwrap_or(Value::Nil);
+        let pairs: Vec<(String, f64)> = redis::from_redis_value(reply).unwrap_or_default();
+        let mut revoked = self.revoked.lock();
+        revoked.retain(|_, until| *until > now);
+        for (jti, until) in pairs {
+            let until = until as u64;
+            let e = revoked.entry(jti).or_insert(until);
+            *e = (*e).max(until);
+        }
+        Ok(())
+    }
+
+    fn apply_revoke(&self, jti: &str, until: u64) {
+        // Recorded before the kick, so a reconnect racing the close is refused.
+        self.revoked
+            .lock()
+            .entry(jti.to_string())
+            .and_modify(|u| *u = (*u).max(until))
+            .or_insert(until);
+        let n = self.connections.kick_token(jti, "token revoked");
+        if n > 0 {
+            tracing::info!(connections = n, "closed connections of a revoked token");
+        }
+    }
+
+    fn on_message(&self, channel: &str, payload: &[u8]) {
+        if channel == self.store.keys.control() {
+            match serde_json::from_slice::<Command>(payload) {
+                Ok(Command::Disconnect { user, device }) => {
+                    self.connections.kick_user(
+                        &user,
+                        device.as_deref(),
+                        "disconnected by the server",
+                    );
+                }
+                Ok(Command::Revoke { jti, until }) => self.apply_revoke(&jti, until),
+                Err(e) => tracing::warn!(error = %e, "ignored a malformed control message"),
+            }
+        } else if channel == self.store.keys.join_leave() {
+            match serde_json::from_slice::<Event>(payload) {
+                Ok(ev) if ev.origin == self.store.node_id => {}
+                Ok(ev) => self.deliver(&ev.event),
+                Err(e) => tracing::warn!(error = %e, "ignored a malformed join/leave event"),
+            }
+        }
+    }
+
+    fn deliver(&self, event: &JoinLeave) {
+        if let Ok(channel) = Channel::parse(&event.channel) {
+            self.hub
+                .broadcast(&channel, &crate::protocol::encode(event));
+        }
+    }
+
+    async fn publish(&self, channel: String, payload: String) -> Result<(), EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("PUBLISH").arg(channel).arg(payload);
+        self.store.exec(&pipe).await.map(drop)
+    }
+}
+
+/// Handles pushed messages until the node is gone.
+pub(super) async fn listen(control: Weak<RedisControl>, mut pushes: mpsc::Receiver<PushInfo>) {
+    while let Some(info) = pushes.recv().await {
+        let Some(control) = control.upgrade() else {
+            return;
+        };
+        if info.kind == PushKind::Disconnection {
+            // Messages may have been missed: the next heartbeat rewrites and reloads.
+            control.store.failed_silently();
+            continue;
+        }
+        if let Some((channel, payload)) = push_message(info) {
+            control.on_message(&channel, &payload);
+        }
+    }
+}
+
+impl Control for RedisControl {
+    fn disconnect<'a>(
+        &'a self,
+        user: &'a str,
+        device: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let cmd = Command::Disconnect {
+            user: user.to_string(),
+            device: device.map(str::to_string),
+        };
+        Box::pin(async move {
+            let payload = serde_json::to_string(&cmd).unwrap_or_default();
+            self.publish(self.store.keys.control(), payload).await
+        })
+    }
+
+    fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let payload = serde_json::to_string(&Command::Revoke {
+                jti: jti.to_string(),
+                until: until_ms,
+            })
+            .unwrap_or_default();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe.cmd("ZADD")
+                .arg(self.store.keys.revoked())
+                .arg(until_ms)
+                .arg(jti)
+                .ignore();
+            pipe.cmd("PUBLISH")
+                .arg(self.store.keys.control())
+                .arg(payload);
+            self.store.exec(&pipe).await?;
+            self.apply_revoke(jti, until_ms);
+            Ok(())
+        })
+    }
+
+    fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked
+            .lock()
+            .get(jti)
+            .is_some_and(|until| *until > unix_ms())
+    }
+
+    fn announce(&self, event: JoinLeave) {
+        self.deliver(&event);
+        let payload = serde_json::to_string(&Event {
+            origin: self.store.node_id.clone(),
+            event,
+        })
+        .unwrap_or_default();
+        let store = Arc::clone(&self.store);
+        let channel = self.store.keys.join_leave();
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe.cmd("PUBLISH").arg(channel).arg(payload);
+            if let Err(e) = store.exec(&pipe).await {
+                tracing::debug!(error = %e, "join/leave event not sent to other nodes");
+            }
+        });
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
+        Box::pin(async move {
+            let set = self.store.keys.nodes();
+            let now = unix_ms().to_string();
+            let reply = self
+                .store
+                .eval(&self.store.scripts.all, &set.keys(), &[now.as_bytes()])
+                .await?;
+            let mut list: Vec<NodeInfo> = json_list(reply);
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(list)
+        })
+    }
+
+    fn store_up(&self) -> Option<bool> {
+        Some(self.store.is_up())
+    }
+
+    fn leave_cluster(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.store
+                .left
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let set = self.store.keys.nodes();
+            let id = self.store.node_id.clone();
+            if let Err(e) = self
+                .store
+                .eval(&self.store.scripts.leave, &set.keys(), &[id.as_bytes()])
+                .await
+            {
+                tracing::warn!(error = %e, "could not remove this node from the registry");
+            }
+        })
+    }
+}
