@@ -849,13 +849,16 @@ pub fn redis_config(nats: &NatsServer, redis: &RedisServer, node: &str) -> Confi
     c.redis.response_timeout = Duration::from_millis(500);
     c.redis.connect_timeout = Duration::from_millis(500);
     // Presence without acked cursors.
-    let mut lobby = NamespaceConfig::default();
-    lobby.presence = true;
-    lobby.allow = vec![
-        switchyard::auth::Permission::Sub,
-        switchyard::auth::Permission::Presence,
-    ];
-    c.namespaces.insert("lobby".into(), lobby);
+    c.namespaces.insert(
+        "lobby".into(),
+        ns(|n| {
+            n.presence = true;
+            n.allow = vec![
+                switchyard::auth::Permission::Sub,
+                switchyard::auth::Permission::Presence,
+            ];
+        }),
+    );
     c
 }
 
