@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster clean redis-server
+.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -55,6 +55,10 @@ bench-cluster: build $(NATS_SERVER)
 # Debian's package (apt-get install redis-server); .ci/run installs it.
 redis-server:
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
+
+## Redis commands per connect, subscribe, ack and disconnect (redis-server + one node).
+bench-redis: build redis-server
+	cargo run -q --release --example redis-cost
 
 $(NATS_SERVER):
 	python3 -m venv .venv

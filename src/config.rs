@@ -578,6 +578,10 @@ mod tests {
         assert_eq!(c.session.outbox_messages, d.session.outbox_messages);
         assert_eq!(c.server.drain_timeout, d.server.drain_timeout);
         assert_eq!(c.namespaces["prices"].default_snapshot, 1);
+        assert_eq!(c.redis.presence_ttl, d.redis.presence_ttl);
+        assert_eq!(c.redis.cursor_ttl, d.redis.cursor_ttl);
+        assert_eq!(c.redis.ack_buffer, d.redis.ack_buffer);
+        assert_eq!(c.server.presence_page_max, d.server.presence_page_max);
     }
 
     #[test]
@@ -590,15 +594,15 @@ mod tests {
         assert!(e.contains("histroy_size"), "{e}");
         let e = with_file("[namespaces.z]\nmax_replay = 0").unwrap_err().0;
         assert!(e.contains("namespaces.z.max_replay"), "{e}");
-        let e = with_file("[redis]\nurl = \"http://localhost\"")
-            .unwrap_err()
-            .0;
+        let shipped = Config::load(Some(Path::new(SHIPPED))).unwrap();
+        let mut c = shipped.clone();
+        c.redis.url = "http://localhost".into();
+        let e = c.validate().unwrap_err().0;
         assert!(e.contains("redis.url"), "{e}");
-        let e = with_file(
-            "[redis]\nurl = \"rediss://h:6380\"\nheartbeat_interval = \"5s\"\npresence_ttl = \"6s\"",
-        )
-        .unwrap_err()
-        .0;
+        let mut c = shipped.clone();
+        c.redis.url = "rediss://h:6380".into();
+        c.redis.presence_ttl = Duration::from_secs(6);
+        let e = c.validate().unwrap_err().0;
         assert!(e.contains("redis.presence_ttl"), "{e}");
         let e = Config::load(Some(Path::new("/nonexistent/switchyard.toml")))
             .unwrap_err()

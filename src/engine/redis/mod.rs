@@ -23,6 +23,7 @@ pub use presence::RedisPresence;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -642,12 +643,15 @@ async fn heartbeats(store: Weak<Store>, control: Weak<RedisControl>, me: NodeEnt
         Some(s) => s.cfg.heartbeat_interval,
         None => return,
     };
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut was_up = true;
+    // After a failure, retry sooner than a long interval: until it succeeds the
+    // node may not be subscribed to the control bus.
+    let retry = interval.min(Duration::from_secs(1));
+    let mut was_up = match store.upgrade() {
+        Some(s) => s.is_up(),
+        None => return,
+    };
     loop {
-        tick.tick().await;
+        tokio::time::sleep(if was_up { interval } else { retry }).await;
         let (Some(store), Some(control)) = (store.upgrade(), control.upgrade()) else {
             return;
         };
