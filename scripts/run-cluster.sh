@@ -50,17 +50,26 @@ for n in 1 2 3; do
   SWITCHYARD_NATS__URL="nats://127.0.0.1:${NATS_PORT}" \
   SWITCHYARD_REDIS__URL="redis://127.0.0.1:${REDIS_PORT}" \
   SWITCHYARD_API__KEY="$API_KEY" \
+  SWITCHYARD_FEED__EMBEDDED=false \
   SWITCHYARD_SERVER__LISTEN="127.0.0.1:800${n}" \
   SWITCHYARD_SERVER__NODE_ID="node${n}" \
     "$BIN" -c "$CONFIG" serve &
   pids+=($!)
 done
 
+# The price feed as its own process (synthetic ticks; health on 127.0.0.1:8100).
+SWITCHYARD_ENGINE__KIND=nats \
+SWITCHYARD_NATS__URL="nats://127.0.0.1:${NATS_PORT}" \
+SWITCHYARD_REDIS__URL="redis://127.0.0.1:${REDIS_PORT}" \
+  "$BIN" -c "$CONFIG" feed &
+pids+=($!)
+
 cat <<HELP
 
 nats-server on 127.0.0.1:${NATS_PORT} (monitoring http://127.0.0.1:${NATS_HTTP_PORT}), store in $dir
 redis-server on 127.0.0.1:${REDIS_PORT} (no persistence)
 switchyard nodes: ws://127.0.0.1:8001/ws  ws://127.0.0.1:8002/ws  ws://127.0.0.1:8003/ws
+price feed (synthetic): health http://127.0.0.1:8100/readyz, ticks on prices.BTC-USDT etc.
 
 In another terminal, subscribe on node 3:
   TOKEN=\$($BIN -c $CONFIG token --user alice --caps 'chat.>=sub+pub+history+presence')
@@ -73,6 +82,7 @@ Presence, users and nodes across the cluster (server API key: $API_KEY):
   curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/presence/chat.room.1
   curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/users/alice
   curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8002/api/v1/nodes
+  curl -H "Authorization: apikey $API_KEY" http://127.0.0.1:8003/api/v1/prices
 Ctrl-C stops everything.
 
 HELP

@@ -23,6 +23,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub nats: NatsConfig,
     pub redis: RedisConfig,
+    pub feed: FeedConfig,
     pub log: LogConfig,
     /// Options per channel namespace (the first token of a channel name).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -286,6 +287,95 @@ impl Default for RedisConfig {
     }
 }
 
+/// The price feed: connectors that publish exchange ticks to `<namespace>.<SYMBOL>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Run the enabled connectors inside `serve` too (one node; `switchyard feed` otherwise).
+    pub embedded: bool,
+    /// Ticks are published to `<namespace>.<SYMBOL>`.
+    pub namespace: String,
+    /// A connector without a tick for this long is stale: a warning, and `feed` not ready.
+    #[serde(with = "duration")]
+    pub stale_after: Duration,
+    /// Health endpoints of `switchyard feed` (`/healthz`, `/readyz`).
+    pub listen: SocketAddr,
+    pub kucoin: KucoinConfig,
+    pub synthetic: SyntheticConfig,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            embedded: false,
+            namespace: "prices".into(),
+            stale_after: Duration::from_secs(30),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
+            kucoin: KucoinConfig::default(),
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+/// The KuCoin public WebSocket protocol (also spoken by `switchyard simulate-exchange`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KucoinConfig {
+    pub enabled: bool,
+    /// Names the source in ticks and in `msg_id`s (`<source>:<SYMBOL>:<sequence>`).
+    pub source: String,
+    /// Base of `POST /api/v1/bullet-public`.
+    pub rest_url: String,
+    pub symbols: Vec<String>,
+    /// Most symbols in one `subscribe` (the exchange's limit per topic).
+    pub symbols_per_subscribe: usize,
+    /// Bounds of the reconnect backoff (exponential, with jitter).
+    #[serde(with = "duration")]
+    pub backoff_min: Duration,
+    #[serde(with = "duration")]
+    pub backoff_max: Duration,
+    /// Limit for the token request, the WebSocket connect and the `welcome`.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for KucoinConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            source: "kucoin".into(),
+            rest_url: "https://api.kucoin.com".into(),
+            symbols: vec!["BTC-USDT".into(), "ETH-USDT".into()],
+            symbols_per_subscribe: 100,
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Random-walk ticks for demos and benchmarks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyntheticConfig {
+    pub enabled: bool,
+    pub source: String,
+    pub symbols: Vec<String>,
+    /// Ticks per second per symbol.
+    pub rate: f64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            source: "synthetic".into(),
+            symbols: vec!["BTC-USDT".into(), "ETH-USDT".into(), "SOL-USDT".into()],
+            rate: 2.0,
+        }
+    }
+}
+
 /// Logging output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -479,6 +569,44 @@ impl Config {
                 return err("redis.key_prefix", "must not be empty");
             }
         }
+        let f = &self.feed;
+        if f.kucoin.enabled || f.synthetic.enabled {
+            if !self.namespaces.contains_key(&f.namespace) {
+                return err("feed.namespace", "names no configured namespace");
+            }
+            let symbols = f.kucoin.symbols.iter().chain(&f.synthetic.symbols);
+            if let Some(bad) = symbols.clone().find(|s| !crate::channel::is_valid_token(s)) {
+                return err(
+                    "feed.*.symbols",
+                    &format!("{bad:?} is not a channel token ([A-Za-z0-9_-])"),
+                );
+            }
+        }
+        if f.kucoin.enabled {
+            if f.kucoin.symbols.is_empty() || f.kucoin.symbols_per_subscribe == 0 {
+                return err(
+                    "feed.kucoin.symbols",
+                    "needs symbols and symbols_per_subscribe >= 1",
+                );
+            }
+            if !(f.kucoin.rest_url.starts_with("http://")
+                || f.kucoin.rest_url.starts_with("https://"))
+            {
+                return err("feed.kucoin.rest_url", "must be an http:// or https:// URL");
+            }
+            if f.kucoin.backoff_min.is_zero() || f.kucoin.backoff_max < f.kucoin.backoff_min {
+                return err(
+                    "feed.kucoin.backoff_min",
+                    "backoff_min must be > 0 and at most backoff_max",
+                );
+            }
+        }
+        if f.synthetic.enabled && !(f.synthetic.rate > 0.0 && f.synthetic.rate <= 100_000.0) {
+            return err("feed.synthetic.rate", "must be in (0, 100000] ticks/s");
+        }
+        if f.stale_after.is_zero() {
+            return err("feed.stale_after", "must be greater than zero");
+        }
         if self.namespaces.is_empty() {
             return err("namespaces", "at least one namespace must be configured");
         }
@@ -582,6 +710,10 @@ mod tests {
         assert_eq!(c.redis.cursor_ttl, d.redis.cursor_ttl);
         assert_eq!(c.redis.ack_buffer, d.redis.ack_buffer);
         assert_eq!(c.server.presence_page_max, d.server.presence_page_max);
+        assert_eq!(c.feed.kucoin.backoff_max, d.feed.kucoin.backoff_max);
+        assert_eq!(c.feed.stale_after, d.feed.stale_after);
+        // `make run` shows live prices: the shipped file turns the demo feed on.
+        assert!(c.feed.embedded && c.feed.synthetic.enabled);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! between history and live has no gap and no duplicate (DESIGN §4.2).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,19 +41,25 @@ pub struct Subscription {
     pub outbox: Arc<Outbox>,
     /// Hub-unique id, so unsubscribing removes exactly this subscription.
     pub id: u64,
-    conflate: bool,
+    /// Set for conflated subscriptions: the node's count of ticks replaced unsent.
+    conflated: Option<Arc<AtomicU64>>,
     state: Mutex<SubState>,
 }
 
 impl Subscription {
     /// A buffering subscription; what may arrive during replay is bounded like the outbox.
-    pub fn new(channel: Channel, outbox: Arc<Outbox>, conflate: bool) -> Arc<Self> {
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    /// `conflated` (the hub's counter) makes it a conflated subscription.
+    pub fn new(
+        channel: Channel,
+        outbox: Arc<Outbox>,
+        conflated: Option<Arc<AtomicU64>>,
+    ) -> Arc<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Subscription {
             channel,
             outbox,
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            conflate,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            conflated,
             state: Mutex::new(SubState {
                 phase: Phase::Buffering(Vec::new()),
                 last_seq: 0,
@@ -89,13 +96,15 @@ impl Subscription {
     }
 
     fn enqueue(self: &Arc<Self>, st: &mut SubState, frame: &Bytes) {
-        if self.conflate {
+        if let Some(skipped) = &self.conflated {
             // A client that keeps up gets every publication; only one that has
             // fallen behind gets the latest value instead of a backlog.
             if !st.queued && self.outbox.try_push_within_backlog(frame) {
                 return;
             }
-            st.pending = Some(frame.clone());
+            if st.pending.replace(frame.clone()).is_some() {
+                skipped.fetch_add(1, Ordering::Relaxed);
+            }
             if !st.queued {
                 st.queued = true;
                 self.outbox.push_conflated(Arc::clone(self));
@@ -159,12 +168,24 @@ impl Subscription {
 #[derive(Default)]
 pub struct Hub {
     channels: RwLock<HashMap<Channel, Vec<Arc<Subscription>>>>,
+    /// Publications replaced unsent in conflated subscriptions (latest value won).
+    conflated: Arc<AtomicU64>,
 }
 
 impl Hub {
     /// An empty hub.
     pub fn new() -> Arc<Hub> {
         Arc::new(Hub::default())
+    }
+
+    /// The counter conflated subscriptions of this hub count skipped publications in.
+    pub fn conflation_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.conflated)
+    }
+
+    /// Publications skipped by conflation so far.
+    pub fn conflated(&self) -> u64 {
+        self.conflated.load(Ordering::Relaxed)
     }
 
     /// Adds a subscription.
@@ -245,7 +266,7 @@ mod tests {
         let ch = Channel::parse("t.a").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(100, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         hub.add(Arc::clone(&sub));
         // Published while history was being read: 5 and 6 are buffered...
         hub.deliver(&publication(&ch, 5));
@@ -269,7 +290,7 @@ mod tests {
         let ch = Channel::parse("p.x").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(4, 1 << 20, 2));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), Some(Arc::default()));
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         drain(&outbox); // the reply
@@ -291,7 +312,7 @@ mod tests {
         let ch = Channel::parse("c.x").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(3, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         for seq in 1..=5 {
@@ -313,7 +334,7 @@ mod tests {
         let ch = Channel::parse("p.y").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(10, 1 << 20, 16));
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), true);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), Some(Arc::default()));
         hub.add(Arc::clone(&sub));
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
         drain(&outbox); // the reply
@@ -340,7 +361,7 @@ mod tests {
         for _ in 0..3 {
             assert!(outbox.push_reply(bytes::Bytes::from(vec![b' '; 500])));
         }
-        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), false);
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         sub.go_live(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0);
         let mut items = Vec::new();
         match outbox.take(&mut items, usize::MAX) {

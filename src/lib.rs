@@ -11,6 +11,7 @@ pub mod channel;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod feed;
 pub mod hub;
 pub mod node;
 pub mod protocol;

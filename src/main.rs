@@ -1,4 +1,5 @@
-//! The `switchyard` command: `serve` (default), `token`, `check-config`.
+//! The `switchyard` command: `serve` (default), `feed`, `simulate-exchange`,
+//! `token`, `check-config`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,24 @@ enum Command {
         #[arg(long, value_parser = auth::parse_cap)]
         caps: Vec<auth::Capability>,
     },
+    /// Run the price feed's connectors as their own process (`[feed]`), publishing
+    /// into the cluster; health on `feed.listen`.
+    Feed,
+    /// Run an exchange simulator speaking the KuCoin public protocol (tests, demos).
+    SimulateExchange {
+        /// REST address (`rest_url` for the connector is http://THIS).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// WebSocket address.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        ws_listen: std::net::SocketAddr,
+        /// Ticks per second per symbol.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Comma-separated symbols.
+        #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
+        symbols: Vec<String>,
+    },
     /// Load and validate the configuration, then exit.
     CheckConfig,
 }
@@ -73,6 +92,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Feed => feed(config),
+        Command::SimulateExchange {
+            listen,
+            ws_listen,
+            rate,
+            symbols,
+        } => simulate(config, listen, ws_listen, rate, symbols),
         Command::Serve { listen } => {
             if let Some(addr) = listen {
                 config.server.listen = addr;
@@ -110,6 +136,72 @@ fn serve(config: Config) -> ExitCode {
             tracing::error!(error = %e, "server task failed");
             return ExitCode::FAILURE;
         }
+        ExitCode::SUCCESS
+    })
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("switchyard: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn feed(config: Config) -> ExitCode {
+    switchyard::telemetry::init(&config.log);
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async {
+        let feed = match switchyard::feed::standalone::start(config).await {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(health = %feed.addr, "feed running");
+        wait_for_signal().await;
+        tracing::info!("signal received, stopping the feed");
+        feed.shutdown.trigger();
+        let _ = feed.task.await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn simulate(
+    config: Config,
+    listen: std::net::SocketAddr,
+    ws_listen: std::net::SocketAddr,
+    rate: f64,
+    symbols: Vec<String>,
+) -> ExitCode {
+    switchyard::telemetry::init(&config.log);
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async {
+        use switchyard::feed::simulator::{Simulator, SimulatorOptions};
+        let opts = SimulatorOptions {
+            symbols,
+            rate,
+            ..SimulatorOptions::default()
+        };
+        let sim = match Simulator::start(opts, listen, ws_listen).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("switchyard: cannot start the simulator: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        println!(
+            "exchange simulator: rest_url = \"{}\" (websocket on {}); controls: POST /sim/drop, /sim/stall?on=true|false, /sim/malformed, /sim/refuse?n=N; GET /sim/stats",
+            sim.rest_url, sim.ws_addr
+        );
+        wait_for_signal().await;
         ExitCode::SUCCESS
     })
 }

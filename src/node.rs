@@ -15,6 +15,8 @@ use crate::connections::Connections;
 use crate::engine::memory::{unix_ms, MemoryBroker, MemoryControl, MemoryCursors, MemoryPresence};
 use crate::engine::nats::NatsBroker;
 use crate::engine::{redis, Broker, Engine, NodeInfo};
+use crate::feed::cache::{MemoryPrices, PriceCache, RedisPrices};
+use crate::feed::Health;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 
@@ -36,6 +38,10 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Open connections by user, for control commands.
     pub connections: Arc<Connections>,
+    /// The latest price per symbol (`GET /api/v1/prices`).
+    pub prices: Arc<dyn PriceCache>,
+    /// State of the embedded feed's connectors, if any.
+    pub feed: Arc<Health>,
     pub shutdown: Shutdown,
     /// Admitted connections (slots held).
     admitted: AtomicUsize,
@@ -121,6 +127,11 @@ impl Node {
                 control: parts.control,
             }
         };
+        let prices: Arc<dyn PriceCache> = if config.redis.url.is_empty() {
+            Arc::new(MemoryPrices::default())
+        } else {
+            RedisPrices::connect(&config.redis).await?
+        };
         Ok(Arc::new(Node {
             id,
             config,
@@ -128,6 +139,8 @@ impl Node {
             engine,
             hub,
             connections,
+            prices,
+            feed: Arc::new(Health::default()),
             shutdown: Shutdown::default(),
             admitted: AtomicUsize::new(0),
             per_user: Mutex::new(HashMap::new()),

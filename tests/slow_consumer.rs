@@ -126,4 +126,20 @@ async fn stalled_client_on_conflated_channel_gets_latest_and_stays() {
     // Not disconnected, and nothing older arrives afterwards.
     let later = slow.ping().await;
     assert!(later.iter().all(|f| f["type"] != "msg"), "{later:?}");
+    // Every tick the slow client did not get was counted as conflated.
+    let skipped = (seqs.len() - got.len()) as u64;
+    assert_eq!(gw.node.hub.conflated(), skipped);
+    let (status, _) = http(gw.addr, "GET", "/healthz", &[], None).await;
+    assert_eq!(status, 200);
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    s.read_to_string(&mut metrics).await.unwrap();
+    assert!(
+        metrics.contains(&format!("switchyard_conflated_total {skipped}\n")),
+        "{metrics}"
+    );
 }

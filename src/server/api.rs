@@ -270,6 +270,29 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
                 }
             }
         }
+        (Method::GET, "/api/v1/prices") => match node.prices.all().await {
+            Ok(list) => {
+                let now = unix_ms();
+                let prices: Vec<PriceBody> = list.iter().map(|c| PriceBody::new(c, now)).collect();
+                json(StatusCode::OK, &serde_json::json!({ "prices": prices }))
+            }
+            Err(e) => engine_response(e),
+        },
+        (Method::GET, p) if p.starts_with("/api/v1/prices/") => {
+            let symbol = &p["/api/v1/prices/".len()..];
+            if !crate::channel::is_valid_token(symbol) {
+                return error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid symbol");
+            }
+            match node.prices.get(symbol).await {
+                Ok(Some(c)) => json(StatusCode::OK, &PriceBody::new(&c, unix_ms())),
+                Ok(None) => error(
+                    StatusCode::NOT_FOUND,
+                    404,
+                    &format!("no price for {symbol}"),
+                ),
+                Err(e) => engine_response(e),
+            }
+        }
         (Method::GET, "/api/v1/nodes") => match node.engine.control.nodes().await {
             Ok(nodes) => json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })),
             Err(e) => engine_response(e),
@@ -356,6 +379,28 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         _ => error(StatusCode::NOT_FOUND, 404, "no such API endpoint"),
+    }
+}
+
+/// A cached price with its age.
+#[derive(Serialize)]
+struct PriceBody<'a> {
+    symbol: &'a str,
+    tick: &'a crate::feed::Tick,
+    /// Unix ms when the feed received it.
+    received_at: u64,
+    /// How old the tick is now (the feed may be down: check it).
+    age_ms: u64,
+}
+
+impl<'a> PriceBody<'a> {
+    fn new(c: &'a crate::feed::cache::CachedTick, now: u64) -> Self {
+        PriceBody {
+            symbol: &c.tick.symbol,
+            tick: &c.tick,
+            received_at: c.received_at,
+            age_ms: now.saturating_sub(c.received_at),
+        }
     }
 }
 

@@ -59,6 +59,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
         (&Method::GET, "/ws") => ws::upgrade(node, req),
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(&node),
+        (&Method::GET, "/metrics") => metrics(&node),
         (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
         _ => error(StatusCode::NOT_FOUND, 404, "not found"),
     };
@@ -86,6 +87,31 @@ fn readyz(node: &Node) -> Response<Body> {
     json(status, &serde_json::json!({"status": word, "redis": redis}))
 }
 
+/// A few counters in the Prometheus text format.
+fn metrics(node: &Node) -> Response<Body> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP switchyard_connections Open client connections."
+    );
+    let _ = writeln!(out, "# TYPE switchyard_connections gauge");
+    let _ = writeln!(out, "switchyard_connections {}", node.connection_count());
+    let _ = writeln!(
+        out,
+        "# HELP switchyard_conflated_total Publications replaced unsent by a newer one on a conflated channel."
+    );
+    let _ = writeln!(out, "# TYPE switchyard_conflated_total counter");
+    let _ = writeln!(out, "switchyard_conflated_total {}", node.hub.conflated());
+    crate::feed::write_metrics(&node.feed, &mut out);
+    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
 /// A node serving on a bound listener.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -105,6 +131,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ConfigError> {
         .local_addr()
         .map_err(|e| ConfigError(format!("`server.listen`: {e}")))?;
     let node = Node::new(config).await?;
+    if node.config.feed.embedded {
+        let sink = crate::feed::TickSink::new(
+            Arc::clone(&node.engine.broker),
+            Arc::clone(&node.prices),
+            &node.config.feed.namespace,
+        );
+        crate::feed::start(
+            &node.config.feed,
+            Arc::new(sink),
+            Arc::clone(&node.feed),
+            node.shutdown.clone(),
+        );
+    }
     let task = tokio::spawn(run(Arc::clone(&node), listener));
     Ok(RunningServer { addr, node, task })
 }
@@ -160,6 +199,9 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
     // Sessions removed their presence as they closed; what is left is the node's own.
     if let Err(e) = node.engine.cursors.flush().await {
         tracing::warn!(error = %e, "buffered acks could not be written before exit");
+    }
+    if let Err(e) = node.prices.flush().await {
+        tracing::warn!(error = %e, "the latest prices could not be written before exit");
     }
     node.engine.control.leave_cluster().await;
     tracing::info!("stopped");

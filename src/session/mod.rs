@@ -491,7 +491,8 @@ impl Session {
             None => HistoryFrom::Latest(snapshot),
         };
 
-        let sub = Subscription::new(channel.clone(), Arc::clone(&self.link.outbox), ns.conflate);
+        let conflated = ns.conflate.then(|| self.node.hub.conflation_counter());
+        let sub = Subscription::new(channel.clone(), Arc::clone(&self.link.outbox), conflated);
         self.node.hub.add(Arc::clone(&sub));
         if let Err(e) = engine.broker.watch(&channel).await {
             self.drop_from_hub(&sub);

@@ -82,6 +82,14 @@ pub fn config() -> Config {
         }),
     );
     c.namespaces.insert(
+        "feedtest".into(),
+        ns(|n| {
+            n.history_size = 100_000;
+            n.max_replay = 100_000;
+            n.allow = vec![Sub, History];
+        }),
+    );
+    c.namespaces.insert(
         "trim".into(),
         ns(|n| {
             n.history_size = 5;

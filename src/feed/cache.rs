@@ -1,0 +1,296 @@
+//! The latest price per symbol: in process, or in Redis (`price:{symbol}`) so
+//! every node serves it and it survives restarts. Served by
+//! `GET /api/v1/prices[/{symbol}]`, also while the feed is down, with its age.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use serde::Serialize;
+
+use super::{seq_greater, Tick};
+use crate::config::{ConfigError, RedisConfig};
+use crate::engine::memory::unix_ms;
+use crate::engine::{BoxFuture, EngineError};
+
+/// A cached tick and when this process (or the feed that wrote it) received it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedTick {
+    pub tick: Tick,
+    /// Unix ms.
+    pub received_at: u64,
+}
+
+/// The latest tick per symbol.
+pub trait PriceCache: Send + Sync {
+    /// Records a tick unless a newer one (by exchange sequence) is cached.
+    fn put(&self, tick: &Tick);
+    fn get<'a>(&'a self, symbol: &'a str)
+        -> BoxFuture<'a, Result<Option<CachedTick>, EngineError>>;
+    fn all(&self) -> BoxFuture<'_, Result<Vec<CachedTick>, EngineError>>;
+    /// Writes what is not stored yet (before the process exits).
+    fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Keeps `tick` in `map` if it is newer than what is there.
+fn keep_newest(map: &mut HashMap<String, CachedTick>, tick: &Tick, received_at: u64) -> bool {
+    match map.get(&tick.symbol) {
+        Some(cur)
+            if cur.tick.source == tick.source
+                && !seq_greater(&tick.sequence, &cur.tick.sequence) =>
+        {
+            false
+        }
+        _ => {
+            map.insert(
+                tick.symbol.clone(),
+                CachedTick {
+                    tick: tick.clone(),
+                    received_at,
+                },
+            );
+            true
+        }
+    }
+}
+
+fn sorted(map: &HashMap<String, CachedTick>) -> Vec<CachedTick> {
+    let mut list: Vec<CachedTick> = map.values().cloned().collect();
+    list.sort_by(|a, b| a.tick.symbol.cmp(&b.tick.symbol));
+    list
+}
+
+/// The in-process cache (memory engine, single node).
+#[derive(Default)]
+pub struct MemoryPrices {
+    latest: Mutex<HashMap<String, CachedTick>>,
+}
+
+impl PriceCache for MemoryPrices {
+    fn put(&self, tick: &Tick) {
+        keep_newest(&mut self.latest.lock(), tick, unix_ms());
+    }
+
+    fn get<'a>(
+        &'a self,
+        symbol: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CachedTick>, EngineError>> {
+        let hit = self.latest.lock().get(symbol).cloned();
+        Box::pin(async move { Ok(hit) })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<CachedTick>, EngineError>> {
+        let list = sorted(&self.latest.lock());
+        Box::pin(async move { Ok(list) })
+    }
+}
+
+/// Writes a tick unless the stored one has a higher sequence from the same source.
+/// KEYS: price hash, symbols set. ARGV: sequence, source, tick JSON, received_at.
+const PUT: &str = r#"
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local cur = redis.call('HMGET', KEYS[1], 'sequence', 'source')
+if cur[1] and cur[2] == ARGV[2] and not greater(ARGV[1], cur[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'sequence', ARGV[1], 'source', ARGV[2], 'tick', ARGV[3], 'received_at', ARGV[4])
+redis.call('SADD', KEYS[2], string.sub(KEYS[1], #ARGV[5] + 1))
+return 1
+"#;
+
+/// The Redis cache: `price:{symbol}` hashes and the `prices` set of symbols.
+/// Writes are coalesced (the newest per symbol, every 100 ms); reads fall back to
+/// what this process last saw while Redis is unreachable.
+pub struct RedisPrices {
+    conn: ConnectionManager,
+    prefix: String,
+    local: Mutex<HashMap<String, CachedTick>>,
+    pending: Mutex<HashMap<String, CachedTick>>,
+}
+
+const WRITE_EVERY: Duration = Duration::from_millis(100);
+
+impl RedisPrices {
+    /// Connects lazily (the cache works from memory while Redis is down) and loads
+    /// what Redis holds.
+    pub async fn connect(cfg: &RedisConfig) -> Result<Arc<Self>, ConfigError> {
+        let bad = |e: redis::RedisError| ConfigError(format!("`redis.url`: {e}"));
+        let mut info =
+            redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str()).map_err(bad)?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(u) = &cfg.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &cfg.password {
+            settings = settings.set_password(p);
+        }
+        info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(bad)?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout))
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(bad)?;
+        let prices = Arc::new(RedisPrices {
+            conn,
+            prefix: cfg.key_prefix.clone(),
+            local: Mutex::default(),
+            pending: Mutex::default(),
+        });
+        if let Err(e) = prices.all().await {
+            tracing::warn!(error = %e, "latest prices not loaded from redis; serving what arrives");
+        }
+        tokio::spawn(writer(Arc::downgrade(&prices)));
+        Ok(prices)
+    }
+
+    fn key(&self, symbol: &str) -> String {
+        format!("{}price:{symbol}", self.prefix)
+    }
+
+    fn symbols_key(&self) -> String {
+        format!("{}prices", self.prefix)
+    }
+
+    async fn write(&self) -> Result<(), EngineError> {
+        let batch = std::mem::take(&mut *self.pending.lock());
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let prefix = format!("{}price:", self.prefix);
+        for c in batch.values() {
+            let json = serde_json::to_string(&c.tick).unwrap_or_default();
+            pipe.cmd("EVAL")
+                .arg(PUT)
+                .arg(2)
+                .arg(self.key(&c.tick.symbol))
+                .arg(self.symbols_key())
+                .arg(&c.tick.sequence)
+                .arg(&c.tick.source)
+                .arg(json)
+                .arg(c.received_at)
+                .arg(&prefix)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Keep them for the next round, unless something newer came meanwhile.
+                let mut pending = self.pending.lock();
+                for c in batch.into_values() {
+                    keep_newest(&mut pending, &c.tick, c.received_at);
+                }
+                Err(EngineError::Degraded(format!("redis: {e}")))
+            }
+        }
+    }
+
+    fn parse(v: Vec<Option<String>>) -> Option<CachedTick> {
+        match v.as_slice() {
+            [Some(tick), Some(at)] => Some(CachedTick {
+                tick: serde_json::from_str(tick).ok()?,
+                received_at: at.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+
+    fn remember(&self, c: &CachedTick) {
+        keep_newest(&mut self.local.lock(), &c.tick, c.received_at);
+    }
+}
+
+async fn writer(prices: Weak<RedisPrices>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(WRITE_EVERY).await;
+        let Some(prices) = prices.upgrade() else {
+            return;
+        };
+        match prices.write().await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "latest prices not written to redis; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl PriceCache for RedisPrices {
+    fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(self.write())
+    }
+
+    fn put(&self, tick: &Tick) {
+        let now = unix_ms();
+        if keep_newest(&mut self.local.lock(), tick, now) {
+            keep_newest(&mut self.pending.lock(), tick, now);
+        }
+    }
+
+    fn get<'a>(
+        &'a self,
+        symbol: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CachedTick>, EngineError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let read: redis::RedisResult<Vec<Option<String>>> = redis::cmd("HMGET")
+                .arg(self.key(symbol))
+                .arg("tick")
+                .arg("received_at")
+                .query_async(&mut conn)
+                .await;
+            match read {
+                Ok(v) => {
+                    let hit = Self::parse(v);
+                    if let Some(c) = &hit {
+                        self.remember(c);
+                    }
+                    // What this process holds may be newer than what is written yet.
+                    Ok(self.local.lock().get(symbol).cloned().or(hit))
+                }
+                Err(_) => Ok(self.local.lock().get(symbol).cloned()),
+            }
+        })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<CachedTick>, EngineError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let symbols: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
+                .arg(self.symbols_key())
+                .query_async(&mut conn)
+                .await;
+            let Ok(symbols) = symbols else {
+                return Ok(sorted(&self.local.lock()));
+            };
+            let mut pipe = redis::pipe();
+            for s in &symbols {
+                pipe.cmd("HMGET")
+                    .arg(self.key(s))
+                    .arg("tick")
+                    .arg("received_at");
+            }
+            if let Ok(rows) = pipe.query_async::<Vec<Value>>(&mut conn).await {
+                for row in rows {
+                    let fields: Vec<Option<String>> =
+                        redis::from_redis_value(row).unwrap_or_default();
+                    if let Some(c) = Self::parse(fields) {
+                        self.remember(&c);
+                    }
+                }
+            }
+            Ok(sorted(&self.local.lock()))
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The price feed (DESIGN §7): connectors turn exchange ticks into publications
+//! on `<namespace>.<SYMBOL>` and keep the latest price per symbol.
+//!
+//! Each tick is published with `msg_id = <source>:<SYMBOL>:<exchange sequence>`,
+//! so feed replicas running side by side yield one publication per tick (the
+//! broker's dedupe). Connectors run in `switchyard feed`, or inside `serve` with
+//! `feed.embedded = true`.
+
+pub mod cache;
+mod http;
+pub mod kucoin;
+pub mod simulator;
+pub mod standalone;
+pub mod synthetic;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::channel::Channel;
+use crate::config::FeedConfig;
+use crate::engine::memory::unix_ms;
+use crate::engine::{Broker, EngineError, PublishRequest};
+use crate::shutdown::Shutdown;
+use cache::PriceCache;
+
+/// One tick as published (the `data` of a price publication). Prices and sizes
+/// are decimal strings exactly as the exchange sent them: never floats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tick {
+    pub symbol: String,
+    pub price: String,
+    pub size: String,
+    pub best_bid: String,
+    pub best_ask: String,
+    /// Exchange time, Unix milliseconds.
+    pub time: u64,
+    /// The exchange's sequence for this symbol, a decimal string.
+    pub sequence: String,
+    /// The connector that produced it (`kucoin`, `synthetic`, …).
+    pub source: String,
+}
+
+impl Tick {
+    /// The idempotency key: the same tick from two replicas is one publication.
+    pub fn msg_id(&self) -> String {
+        format!("{}:{}:{}", self.source, self.symbol, self.sequence)
+    }
+}
+
+/// Whether decimal string `a` is a larger number than `b` (both without sign or
+/// leading zeros, as exchange sequences are): exact for any length.
+pub fn seq_greater(a: &str, b: &str) -> bool {
+    (a.len(), a) > (b.len(), b)
+}
+
+/// One connector's link state, for readiness and the stale warning.
+#[derive(Default)]
+pub struct LinkHealth {
+    pub connected: AtomicBool,
+    /// Unix ms of the last tick; 0 before the first.
+    pub last_tick_ms: AtomicU64,
+    pub ticks: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Messages from the exchange that could not be parsed (skipped).
+    pub malformed: AtomicU64,
+}
+
+/// The state of every connector of this process.
+#[derive(Default)]
+pub struct Health {
+    links: Mutex<HashMap<String, Arc<LinkHealth>>>,
+}
+
+/// One connector's state as `/readyz` shows it.
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub source: String,
+    pub connected: bool,
+    pub last_tick_age_ms: Option<u64>,
+    pub ticks: u64,
+    pub reconnects: u64,
+    pub malformed: u64,
+}
+
+impl Health {
+    /// The health of connector `source`, created on first use.
+    pub fn link(&self, source: &str) -> Arc<LinkHealth> {
+        Arc::clone(self.links.lock().entry(source.to_string()).or_default())
+    }
+
+    /// Every connector's state.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        let now = unix_ms();
+        let mut list: Vec<LinkStatus> = self
+            .links
+            .lock()
+            .iter()
+            .map(|(source, l)| {
+                let last = l.last_tick_ms.load(Ordering::Relaxed);
+                LinkStatus {
+                    source: source.clone(),
+                    connected: l.connected.load(Ordering::Relaxed),
+                    last_tick_age_ms: (last > 0).then(|| now.saturating_sub(last)),
+                    ticks: l.ticks.load(Ordering::Relaxed),
+                    reconnects: l.reconnects.load(Ordering::Relaxed),
+                    malformed: l.malformed.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.source.cmp(&b.source));
+        list
+    }
+
+    /// Ready: every connector is connected and ticked within `stale_after`.
+    pub fn is_ready(&self, stale_after: Duration) -> bool {
+        let fresh = stale_after.as_millis() as u64;
+        let status = self.status();
+        !status.is_empty()
+            && status
+                .iter()
+                .all(|s| s.connected && s.last_tick_age_ms.is_some_and(|age| age <= fresh))
+    }
+}
+
+/// Appends the connectors' counters in the Prometheus text format.
+pub fn write_metrics(health: &Health, out: &mut String) {
+    use std::fmt::Write;
+    let status = health.status();
+    if status.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "# TYPE switchyard_feed_ticks_total counter");
+    for s in &status {
+        let _ = writeln!(
+            out,
+            "switchyard_feed_ticks_total{{source=\"{}\"}} {}",
+            s.source, s.ticks
+        );
+    }
+    let _ = writeln!(out, "# TYPE switchyard_feed_reconnects_total counter");
+    for s in &status {
+        let _ = writeln!(
+            out,
+            "switchyard_feed_reconnects_total{{source=\"{}\"}} {}",
+            s.source, s.reconnects
+        );
+    }
+    let _ = writeln!(out, "# TYPE switchyard_feed_malformed_total counter");
+    for s in &status {
+        let _ = writeln!(
+            out,
+            "switchyard_feed_malformed_total{{source=\"{}\"}} {}",
+            s.source, s.malformed
+        );
+    }
+    let _ = writeln!(out, "# TYPE switchyard_feed_connected gauge");
+    for s in &status {
+        let _ = writeln!(
+            out,
+            "switchyard_feed_connected{{source=\"{}\"}} {}",
+            s.source,
+            u8::from(s.connected)
+        );
+    }
+}
+
+/// Where connectors send ticks: publishes each one and keeps the latest price.
+pub struct TickSink {
+    broker: Arc<dyn Broker>,
+    prices: Arc<dyn PriceCache>,
+    namespace: String,
+}
+
+impl TickSink {
+    /// A sink publishing to `<namespace>.<SYMBOL>` through `broker`.
+    pub fn new(broker: Arc<dyn Broker>, prices: Arc<dyn PriceCache>, namespace: &str) -> Self {
+        TickSink {
+            broker,
+            prices,
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// Publishes one tick (a repeat of the same `msg_id` is not published twice)
+    /// and records it as the symbol's latest price.
+    pub async fn publish(&self, tick: &Tick) -> Result<(), EngineError> {
+        let channel = Channel::parse(&format!("{}.{}", self.namespace, tick.symbol))
+            .map_err(|e| EngineError::Rejected(format!("symbol {:?}: {e}", tick.symbol)))?;
+        let data = serde_json::value::to_raw_value(tick)
+            .map_err(|e| EngineError::Rejected(format!("tick: {e}")))?;
+        self.prices.put(tick);
+        self.broker
+            .publish(PublishRequest {
+                channel,
+                data,
+                from: None,
+                msg_id: Some(tick.msg_id()),
+            })
+            .await
+            .map(drop)
+    }
+}
+
+/// Starts the enabled connectors and the stale-feed watch; they stop with `shutdown`.
+pub fn start(cfg: &FeedConfig, sink: Arc<TickSink>, health: Arc<Health>, shutdown: Shutdown) {
+    if cfg.kucoin.enabled {
+        let link = health.link(&cfg.kucoin.source);
+        tokio::spawn(kucoin::run(
+            cfg.kucoin.clone(),
+            Arc::clone(&sink),
+            link,
+            shutdown.clone(),
+        ));
+    }
+    if cfg.synthetic.enabled {
+        let link = health.link(&cfg.synthetic.source);
+        tokio::spawn(synthetic::run(
+            cfg.synthetic.clone(),
+            Arc::clone(&sink),
+            link,
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(watch_staleness(health, cfg.stale_after, shutdown));
+}
+
+/// Warns once when a connector goes stale, and once when it recovers.
+async fn watch_staleness(health: Arc<Health>, stale_after: Duration, shutdown: Shutdown) {
+    let mut stale: HashMap<String, bool> = HashMap::new();
+    let period = (stale_after / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.wait() => return,
+        }
+        for s in health.status() {
+            let age = s.last_tick_age_ms.unwrap_or(u64::MAX);
+            let is_stale = age > stale_after.as_millis() as u64;
+            let was = stale.insert(s.source.clone(), is_stale).unwrap_or(false);
+            if is_stale && !was {
+                tracing::warn!(source = %s.source, connected = s.connected, "price feed is stale: no tick for {stale_after:?}");
+            } else if !is_stale && was {
+                tracing::info!(source = %s.source, "price feed is ticking again");
+            }
+        }
+    }
+}
