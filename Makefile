@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis clean redis-server
+.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis bench-feed clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -60,6 +60,11 @@ redis-server:
 ## Redis commands per connect, subscribe, ack and disconnect (redis-server + one node).
 bench-redis: build redis-server
 	cargo run -q --release --example redis-cost
+
+## Ticks/s through the KuCoin connector and the gateway (in-process exchange simulator).
+bench-feed: build
+	cargo build -q --release --example feed-bench
+	taskset -c 1 target/release/examples/feed-bench
 
 $(NATS_SERVER):
 	python3 -m venv .venv

@@ -120,7 +120,8 @@ pub struct SessionConfig {
     pub outbox_messages: usize,
     /// Outbox bound in bytes.
     pub outbox_bytes: usize,
-    /// Queued frames beyond which a `conflate` channel sends only its latest publication.
+    /// Queued frames, per conflated channel of the connection, beyond which a
+    /// `conflate` channel sends only its latest publication.
     pub conflate_backlog: usize,
     /// Largest inbound frame; a larger one closes the connection with 4010.
     pub max_frame_bytes: usize,

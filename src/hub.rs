@@ -55,6 +55,9 @@ impl Subscription {
         conflated: Option<Arc<AtomicU64>>,
     ) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        if conflated.is_some() {
+            outbox.count_conflated_channel(true);
+        }
         Arc::new(Subscription {
             channel,
             outbox,
@@ -152,8 +155,11 @@ impl Subscription {
     /// Stops delivery: nothing more is queued, and a queued conflated slot sends nothing.
     pub fn cancel(&self) {
         let mut st = self.state.lock();
-        st.phase = Phase::Cancelled;
+        let was = std::mem::replace(&mut st.phase, Phase::Cancelled);
         st.pending = None;
+        if self.conflated.is_some() && !matches!(was, Phase::Cancelled) {
+            self.outbox.count_conflated_channel(false);
+        }
     }
 
     /// For the writer: the newest pending publication of a conflated subscription.

@@ -180,7 +180,11 @@ async fn nats_outage_fails_fast_then_resumes_without_loss() {
             }
         }
     }
-    assert_eq!(http(a.addr, "GET", "/readyz", &[], None).await.0, 200);
+    // Ready again (the client may still settle its reconnection for a moment).
+    eventually(WAIT, "ready after NATS is back", || async {
+        (http(a.addr, "GET", "/readyz", &[], None).await.0 == 200).then_some(())
+    })
+    .await;
     for want in &seqs {
         let m = sub.recv_type("msg").await;
         assert_eq!(&m["seq"], want);

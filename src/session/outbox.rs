@@ -51,6 +51,8 @@ struct State {
     queue: VecDeque<Item>,
     bytes: usize,
     closing: Option<Closing>,
+    /// Conflated subscriptions of this connection (scales the backlog that triggers conflation).
+    conflated_channels: usize,
 }
 
 /// A bounded queue of outbound frames plus the connection's close decision.
@@ -80,6 +82,7 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 closing: None,
+                conflated_channels: 0,
             }),
             wake: Notify::new(),
             closed: Notify::new(),
@@ -123,8 +126,14 @@ impl Outbox {
     /// never closes the connection.
     pub fn try_push_within_backlog(&self, frame: &Bytes) -> bool {
         let mut st = self.state.lock();
+        // The backlog allowed grows with the conflated channels: twenty symbols
+        // ticking at the same instant are a burst, not a client falling behind.
+        let backlog = self
+            .conflate_backlog
+            .saturating_mul(st.conflated_channels.max(1))
+            .min(self.max_messages);
         if st.closing.is_some()
-            || st.queue.len() >= self.conflate_backlog.min(self.max_messages)
+            || st.queue.len() >= backlog
             || st.bytes + frame.len() > self.max_bytes
         {
             return false;
@@ -134,6 +143,16 @@ impl Outbox {
         drop(st);
         self.wake.notify_one();
         true
+    }
+
+    /// Counts one more (`true`) or one fewer conflated subscription on this connection.
+    pub fn count_conflated_channel(&self, added: bool) {
+        let mut st = self.state.lock();
+        st.conflated_channels = if added {
+            st.conflated_channels + 1
+        } else {
+            st.conflated_channels.saturating_sub(1)
+        };
     }
 
     /// Queues a conflated subscription's slot. A subscription has at most one slot

@@ -1,0 +1,165 @@
+//! `make bench-feed`: how many ticks/s the KuCoin connector and the gateway sustain.
+//!
+//! The exchange simulator runs in this process (pin it to CPU 1); one release node
+//! (memory engine, the connector embedded) runs on CPU 0. BENCH_SYMBOLS symbols
+//! (default 20) each tick BENCH_RATE times a second (default 500) for BENCH_SECS
+//! seconds (default 10); one client subscribes to every price channel. Reported:
+//! ticks the simulator sent, ticks the connector published (the node's
+//! `switchyard_feed_ticks_total`), ticks the client received, and the node's CPU.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use switchyard::feed::simulator::{Simulator, SimulatorOptions};
+use tokio_tungstenite::tungstenite::Message;
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
+const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/switchyard");
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+async fn published(addr: SocketAddr) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return 0;
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.lines()
+        .find_map(|l| l.strip_prefix("switchyard_feed_ticks_total{source=\"kucoin\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = env("BENCH_SYMBOLS", 20);
+    let rate: f64 = env("BENCH_RATE", 500.0);
+    let secs: u64 = env("BENCH_SECS", 10);
+    let symbols: Vec<String> = (0..n).map(|i| format!("SYM{i}-USDT")).collect();
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let opts = SimulatorOptions {
+        symbols: symbols.clone(),
+        rate,
+        ..SimulatorOptions::default()
+    };
+    let sim = Simulator::start(opts, any, any).await.expect("simulator");
+    let port = std::net::TcpListener::bind(any)
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let list = format!("[{}]", symbols.join(","));
+    let node = Kill(
+        Command::new("taskset")
+            .args(["-c", "0", BIN, "-c", CONFIG, "serve"])
+            .env("SWITCHYARD_SERVER__LISTEN", addr.to_string())
+            .env("SWITCHYARD_FEED__EMBEDDED", "true")
+            .env("SWITCHYARD_FEED__SYNTHETIC__ENABLED", "false")
+            .env("SWITCHYARD_FEED__KUCOIN__ENABLED", "true")
+            .env("SWITCHYARD_FEED__KUCOIN__REST_URL", &sim.rest_url)
+            .env("SWITCHYARD_FEED__KUCOIN__SYMBOLS", &list)
+            .env("SWITCHYARD_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the release binary (make build)"),
+    );
+    let pid = node.0.id();
+    let token = {
+        let cfg =
+            switchyard::config::Config::load(Some(std::path::Path::new(CONFIG))).expect("config");
+        switchyard::auth::mint(&cfg, "bench", Duration::from_secs(3600), vec![]).expect("token")
+    };
+    let ws = loop {
+        let url = format!("ws://{addr}/ws?token={token}");
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (mut tx, mut rx) = ws.split();
+    for s in &symbols {
+        let f = format!(r#"{{"type":"subscribe","channel":"prices.{s}"}}"#);
+        tx.send(Message::text(f)).await.expect("subscribe");
+    }
+    // Warm up: the link is up and ticking.
+    while published(addr).await == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Text(t) = m {
+                if t.starts_with(r#"{"type":"msg""#) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let sent = || sim.sent_on(0).len() as u64;
+    let (sent0, pub0, recv0, cpu0) = (
+        sent(),
+        published(addr).await,
+        received.load(std::sync::atomic::Ordering::Relaxed),
+        cpu_secs(pid),
+    );
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let (sent1, pub1, recv1, cpu1) = (
+        sent(),
+        published(addr).await,
+        received.load(std::sync::atomic::Ordering::Relaxed),
+        cpu_secs(pid),
+    );
+    println!("feed bench: {n} symbols x {rate}/s for {wall:.1} s; node on CPU 0 (memory engine, connector embedded)");
+    println!(
+        "exchange sent:        {:>9.0} ticks/s",
+        (sent1 - sent0) as f64 / wall
+    );
+    println!(
+        "connector published:  {:>9.0} ticks/s",
+        (pub1 - pub0) as f64 / wall
+    );
+    println!(
+        "client received:      {:>9.0} ticks/s",
+        (recv1 - recv0) as f64 / wall
+    );
+    println!(
+        "node CPU:             {:>9.2} s in {wall:.1} s ({:.0} ticks per CPU-second)",
+        cpu1 - cpu0,
+        (pub1 - pub0) as f64 / (cpu1 - cpu0).max(0.001)
+    );
+    println!(
+        "simulator connections: {} (1 = the link never dropped)",
+        sim.connections()
+    );
+}
