@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis bench-feed clean redis-server
+.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -65,6 +65,11 @@ bench-redis: build redis-server
 bench-feed: build
 	cargo build -q --release --example feed-bench
 	taskset -c 1 target/release/examples/feed-bench
+
+## The same through `switchyard feed` and JetStream.
+bench-feed-nats: build $(NATS_SERVER)
+	cargo build -q --release --example feed-bench
+	BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/feed-bench
 
 $(NATS_SERVER):
 	python3 -m venv .venv

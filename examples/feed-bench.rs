@@ -6,6 +6,9 @@
 //! seconds (default 10); one client subscribes to every price channel. Reported:
 //! ticks the simulator sent, ticks the connector published (the node's
 //! `switchyard_feed_ticks_total`), ticks the client received, and the node's CPU.
+//!
+//! BENCH_TARGET=nats measures `switchyard feed` instead: the connector as its own
+//! process publishing through JetStream (nats-server from NATS_SERVER), both on CPU 0.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -77,6 +80,9 @@ async fn main() {
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let list = format!("[{}]", symbols.join(","));
+    if std::env::var("BENCH_TARGET").as_deref() == Ok("nats") {
+        return nats(&sim, &list, n, rate, secs).await;
+    }
     let node = Kill(
         Command::new("taskset")
             .args(["-c", "0", BIN, "-c", CONFIG, "serve"])
@@ -157,6 +163,82 @@ async fn main() {
         "node CPU:             {:>9.2} s in {wall:.1} s ({:.0} ticks per CPU-second)",
         cpu1 - cpu0,
         (pub1 - pub0) as f64 / (cpu1 - cpu0).max(0.001)
+    );
+    println!(
+        "simulator connections: {} (1 = the link never dropped)",
+        sim.connections()
+    );
+}
+
+/// `switchyard feed` publishing through JetStream.
+async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    };
+    let (nats_port, health_port) = (free(), free());
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: \"127.0.0.1:{nats_port}\"\njetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 1GB }}\n",
+            dir.path().join("js").display()
+        ),
+    )
+    .expect("nats config");
+    let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| ".venv/bin/nats-server".into());
+    let _nats = Kill(
+        Command::new("taskset")
+            .args(["-c", "0", &bin, "-c"])
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (make bench-feed-nats installs it)"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = SocketAddr::from(([127, 0, 0, 1], health_port));
+    let feed = Kill(
+        Command::new("taskset")
+            .args(["-c", "0", BIN, "-c", CONFIG, "feed"])
+            .env("SWITCHYARD_ENGINE__KIND", "nats")
+            .env(
+                "SWITCHYARD_NATS__URL",
+                format!("nats://127.0.0.1:{nats_port}"),
+            )
+            .env("SWITCHYARD_FEED__LISTEN", health.to_string())
+            .env("SWITCHYARD_FEED__SYNTHETIC__ENABLED", "false")
+            .env("SWITCHYARD_FEED__KUCOIN__ENABLED", "true")
+            .env("SWITCHYARD_FEED__KUCOIN__REST_URL", &sim.rest_url)
+            .env("SWITCHYARD_FEED__KUCOIN__SYMBOLS", list)
+            .env("SWITCHYARD_LOG__LEVEL", "warn")
+            .spawn()
+            .expect("the release binary (make build)"),
+    );
+    let pid = feed.0.id();
+    while published(health).await == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = || sim.sent_on(0).len() as u64;
+    let (sent0, pub0, cpu0) = (sent(), published(health).await, cpu_secs(pid));
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let (sent1, pub1, cpu1) = (sent(), published(health).await, cpu_secs(pid));
+    println!("feed bench (switchyard feed -> JetStream): {n} symbols x {rate}/s for {wall:.1} s; feed and nats-server on CPU 0");
+    println!(
+        "exchange sent:        {:>9.0} ticks/s",
+        (sent1 - sent0) as f64 / wall
+    );
+    println!(
+        "connector published:  {:>9.0} ticks/s",
+        (pub1 - pub0) as f64 / wall
+    );
+    println!(
+        "feed CPU:             {:>9.2} s in {wall:.1} s",
+        cpu1 - cpu0
     );
     println!(
         "simulator connections: {} (1 = the link never dropped)",

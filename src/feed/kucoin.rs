@@ -16,9 +16,8 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{seq_greater, LinkHealth, Tick, TickSink};
+use super::{seq_greater, Dispatcher, LinkHealth, Tick, TickSink};
 use crate::config::KucoinConfig;
-use crate::engine::memory::unix_ms;
 use crate::shutdown::Shutdown;
 
 #[derive(Deserialize)]
@@ -92,12 +91,13 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let mut attempt: u32 = 0;
-    // The last sequence published per symbol: nothing older is ever published after it.
+    // The last sequence queued per symbol: nothing older is ever published after it.
     let mut last: HashMap<String, String> = HashMap::new();
+    let mut out = Dispatcher::new(sink, Arc::clone(&link), &cfg.source);
     loop {
         let started = Instant::now();
         let ticks_before = link.ticks.load(Ordering::Relaxed);
-        let result = session(&cfg, &sink, &link, &shutdown, &mut last).await;
+        let result = session(&cfg, &mut out, &link, &shutdown, &mut last).await;
         link.connected.store(false, Ordering::Relaxed);
         match result {
             Err(LinkError::Stopped) => return,
@@ -160,7 +160,7 @@ async fn bullet(cfg: &KucoinConfig) -> Result<(String, InstanceServer), LinkErro
 
 async fn session(
     cfg: &KucoinConfig,
-    sink: &TickSink,
+    out: &mut Dispatcher,
     link: &LinkHealth,
     shutdown: &Shutdown,
     last: &mut HashMap<String, String>,
@@ -278,14 +278,8 @@ async fn session(
                     if !newer {
                         continue;
                     }
-                    if let Err(e) = sink.publish(&tick).await {
-                        // Not marked as published: a replica (or the next tick) covers it.
-                        tracing::warn!(source = %cfg.source, symbol = %tick.symbol, error = %e, "tick not published");
-                        continue;
-                    }
                     last.insert(tick.symbol.clone(), tick.sequence.clone());
-                    link.ticks.fetch_add(1, Ordering::Relaxed);
-                    link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+                    out.submit(tick).await;
                 }
                 Err(why) => malformed(cfg, link, &why),
             },

@@ -206,6 +206,64 @@ impl TickSink {
     }
 }
 
+/// Ticks waiting per symbol before a connector waits for the broker.
+const PER_SYMBOL_QUEUE: usize = 256;
+
+/// Publishes each symbol's ticks in order and different symbols in parallel: a
+/// tick waits only for the acks of earlier ticks of its own symbol, so a cluster
+/// broker's round trip does not cap the feed at one tick per round trip.
+pub struct Dispatcher {
+    sink: Arc<TickSink>,
+    link: Arc<LinkHealth>,
+    source: String,
+    workers: HashMap<String, tokio::sync::mpsc::Sender<Tick>>,
+}
+
+impl Dispatcher {
+    /// A dispatcher counting published ticks in `link`.
+    pub fn new(sink: Arc<TickSink>, link: Arc<LinkHealth>, source: &str) -> Self {
+        Dispatcher {
+            sink,
+            link,
+            source: source.to_string(),
+            workers: HashMap::new(),
+        }
+    }
+
+    /// Queues a tick; waits only while its symbol's queue is full (bounded memory).
+    pub async fn submit(&mut self, tick: Tick) {
+        let tx = self.workers.entry(tick.symbol.clone()).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(PER_SYMBOL_QUEUE);
+            tokio::spawn(publish_in_order(
+                Arc::clone(&self.sink),
+                Arc::clone(&self.link),
+                self.source.clone(),
+                rx,
+            ));
+            tx
+        });
+        let _ = tx.send(tick).await;
+    }
+}
+
+async fn publish_in_order(
+    sink: Arc<TickSink>,
+    link: Arc<LinkHealth>,
+    source: String,
+    mut ticks: tokio::sync::mpsc::Receiver<Tick>,
+) {
+    while let Some(t) = ticks.recv().await {
+        match sink.publish(&t).await {
+            Ok(()) => {
+                link.ticks.fetch_add(1, Ordering::Relaxed);
+                link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+            }
+            // A replica (or the next tick) covers it; retrying would publish out of order.
+            Err(e) => tracing::warn!(%source, symbol = %t.symbol, error = %e, "tick not published"),
+        }
+    }
+}
+
 /// Starts the enabled connectors and the stale-feed watch; they stop with `shutdown`.
 pub fn start(cfg: &FeedConfig, sink: Arc<TickSink>, health: Arc<Health>, shutdown: Shutdown) {
     if cfg.kucoin.enabled {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{LinkHealth, Tick, TickSink};
+use super::{Dispatcher, LinkHealth, Tick, TickSink};
 use crate::config::SyntheticConfig;
 use crate::engine::memory::unix_ms;
 use crate::shutdown::Shutdown;
@@ -67,6 +67,7 @@ pub async fn run(
         })
         .collect();
     link.connected.store(true, Ordering::Relaxed);
+    let mut out = Dispatcher::new(sink, Arc::clone(&link), &cfg.source);
     let period = Duration::from_secs_f64(1.0 / cfg.rate);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -76,16 +77,7 @@ pub async fn run(
             _ = shutdown.wait() => break,
         }
         for w in &mut walks {
-            let t = w.step(&cfg.source);
-            match sink.publish(&t).await {
-                Ok(()) => {
-                    link.ticks.fetch_add(1, Ordering::Relaxed);
-                    link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, symbol = %t.symbol, "synthetic tick not published")
-                }
-            }
+            out.submit(w.step(&cfg.source)).await;
         }
     }
     link.connected.store(false, Ordering::Relaxed);
