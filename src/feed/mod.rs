@@ -308,3 +308,35 @@ async fn watch_staleness(health: Arc<Health>, stale_after: Duration, shutdown: S
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_while_every_link_is_up_and_fresh() {
+        let health = Health::default();
+        let stale_after = Duration::from_secs(5);
+        assert!(!health.is_ready(stale_after), "no connector yet");
+        let a = health.link("a");
+        a.connected.store(true, Ordering::Relaxed);
+        assert!(!health.is_ready(stale_after), "connected but no tick yet");
+        a.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+        assert!(health.is_ready(stale_after));
+        // Connected, but silent for longer than stale_after.
+        a.last_tick_ms.store(unix_ms() - 6_000, Ordering::Relaxed);
+        assert!(!health.is_ready(stale_after));
+        a.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+        let b = health.link("b");
+        b.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+        assert!(!health.is_ready(stale_after), "b is not connected");
+    }
+
+    #[test]
+    fn sequences_compare_as_numbers_of_any_length() {
+        assert!(seq_greater("10", "9"));
+        assert!(seq_greater("18446744073709551616", "18446744073709551615"));
+        assert!(!seq_greater("5", "5"));
+        assert!(!seq_greater("99", "100"));
+    }
+}
