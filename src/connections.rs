@@ -108,25 +108,39 @@ impl Connections {
 
     /// Every connection as `(user, [(conn_id, presence JSON)])`, for the Redis heartbeat.
     pub fn snapshot(&self, node: &str) -> Vec<UserConnections> {
-        let by_user = self.by_user.lock();
-        by_user
+        // Copy references under the lock; encode after releasing it, so connects
+        // and disconnects never wait for a big node's heartbeat.
+        type Entry = (Arc<str>, Arc<str>, u64);
+        let copied: Vec<(Arc<str>, Vec<Entry>)> = self
+            .by_user
+            .lock()
             .iter()
             .map(|(user, list)| {
                 let entries = list
                     .iter()
-                    .map(|c| {
-                        let info = ClientInfo {
-                            conn_id: c.conn_id.to_string(),
-                            user: user.to_string(),
-                            device: c.device.to_string(),
-                            node: node.to_string(),
-                            since: c.since,
-                        };
-                        let json = serde_json::to_string(&info).unwrap_or_default();
-                        (Arc::clone(&c.conn_id), Arc::from(json))
-                    })
+                    .map(|c| (Arc::clone(&c.conn_id), Arc::clone(&c.device), c.since))
                     .collect();
                 (Arc::clone(user), entries)
+            })
+            .collect();
+        copied
+            .into_iter()
+            .map(|(user, entries)| {
+                let encoded = entries
+                    .into_iter()
+                    .map(|(conn_id, device, since)| {
+                        let info = ClientInfo {
+                            conn_id: conn_id.to_string(),
+                            user: user.to_string(),
+                            device: device.to_string(),
+                            node: node.to_string(),
+                            since,
+                        };
+                        let json = serde_json::to_string(&info).unwrap_or_default();
+                        (conn_id, Arc::from(json))
+                    })
+                    .collect();
+                (user, encoded)
             })
             .collect()
     }
