@@ -52,8 +52,8 @@ pub struct Claims {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub user: Arc<str>,
-    /// Token id, kept so a token can be revoked.
-    pub jti: Option<String>,
+    /// Token id, kept so a token can be revoked (shared with the connection index).
+    pub jti: Option<Arc<str>>,
     /// Unix seconds.
     pub expires_at: u64,
     pub caps: Arc<[Capability]>,
@@ -232,7 +232,7 @@ impl Verifier {
         }
         Ok(Identity {
             user: Arc::from(claims.sub),
-            jti: claims.jti,
+            jti: claims.jti.map(Arc::from),
             expires_at: claims.exp,
             caps: Arc::from(claims.caps),
         })

@@ -26,20 +26,55 @@ pub struct Conn {
 /// A user and its connections as `(conn_id, presence JSON)`.
 pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>)>);
 
-/// Open connections of this node, by user.
+/// One user's admitted slots and open connections on this node.
+#[derive(Default)]
+struct UserConns {
+    /// Slots taken before the upgrade (`Node::admit`), released when the connection ends.
+    admitted: usize,
+    conns: Vec<Conn>,
+}
+
+/// Open connections of this node, by user. Also counts each user's admitted
+/// slots, so one map per user serves both admission and control.
 #[derive(Default)]
 pub struct Connections {
-    by_user: Mutex<HashMap<Arc<str>, Vec<Conn>>>,
+    by_user: Mutex<HashMap<Arc<str>, UserConns>>,
     count: AtomicUsize,
 }
 
 impl Connections {
+    /// Takes one of `user`'s at most `max` slots.
+    pub fn admit(&self, user: &Arc<str>, max: usize) -> bool {
+        let mut by_user = self.by_user.lock();
+        let u = by_user.entry(Arc::clone(user)).or_default();
+        if u.admitted >= max {
+            if u.admitted == 0 && u.conns.is_empty() {
+                by_user.remove(user);
+            }
+            return false;
+        }
+        u.admitted += 1;
+        true
+    }
+
+    /// Gives back a slot taken by [`Connections::admit`].
+    pub fn release(&self, user: &str) {
+        let mut by_user = self.by_user.lock();
+        if let Some(u) = by_user.get_mut(user) {
+            u.admitted = u.admitted.saturating_sub(1);
+            if u.admitted == 0 && u.conns.is_empty() {
+                by_user.remove(user);
+            }
+        }
+    }
+
     /// Adds a connection of `user`.
     pub fn insert(&self, user: &Arc<str>, conn: Conn) {
         self.by_user
             .lock()
             .entry(Arc::clone(user))
             .or_default()
+            .conns
             .push(conn);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
@@ -52,11 +87,12 @@ impl Connections {
     /// Removes a connection of `user`.
     pub fn remove(&self, user: &str, conn_id: &str) {
         let mut by_user = self.by_user.lock();
-        if let Some(list) = by_user.get_mut(user) {
-            let before = list.len();
-            list.retain(|c| &*c.conn_id != conn_id);
-            self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
-            if list.is_empty() {
+        if let Some(u) = by_user.get_mut(user) {
+            let before = u.conns.len();
+            u.conns.retain(|c| &*c.conn_id != conn_id);
+            self.count
+                .fetch_sub(before - u.conns.len(), Ordering::Relaxed);
+            if u.admitted == 0 && u.conns.is_empty() {
                 by_user.remove(user);
             }
         }
@@ -68,7 +104,7 @@ impl Connections {
             .by_user
             .lock()
             .get_mut(user)
-            .and_then(|list| list.iter_mut().find(|c| &*c.conn_id == conn_id))
+            .and_then(|u| u.conns.iter_mut().find(|c| &*c.conn_id == conn_id))
         {
             c.jti = jti;
         }
@@ -77,11 +113,12 @@ impl Connections {
     /// Closes the user's connections (only `device`'s, if given) with 4003; returns how many.
     pub fn kick_user(&self, user: &str, device: Option<&str>, reason: &str) -> usize {
         let by_user = self.by_user.lock();
-        let Some(list) = by_user.get(user) else {
+        let Some(u) = by_user.get(user) else {
             return 0;
         };
         let mut n = 0;
-        for c in list
+        for c in u
+            .conns
             .iter()
             .filter(|c| device.is_none_or(|d| *c.device == *d))
         {
@@ -97,7 +134,7 @@ impl Connections {
         // connection memory for them.
         let by_user = self.by_user.lock();
         let mut n = 0;
-        for c in by_user.values().flatten() {
+        for c in by_user.values().flat_map(|u| &u.conns) {
             if c.jti.as_deref() == Some(jti) {
                 c.outbox.close(close::KICKED, reason, true);
                 n += 1;
@@ -115,8 +152,10 @@ impl Connections {
             .by_user
             .lock()
             .iter()
-            .map(|(user, list)| {
-                let entries = list
+            .filter(|(_, u)| !u.conns.is_empty())
+            .map(|(user, u)| {
+                let entries = u
+                    .conns
                     .iter()
                     .map(|c| (Arc::clone(&c.conn_id), Arc::clone(&c.device), c.since))
                     .collect();
@@ -150,8 +189,9 @@ impl Connections {
         self.by_user
             .lock()
             .get(user)
-            .map(|list| {
-                list.iter()
+            .map(|u| {
+                u.conns
+                    .iter()
                     .map(|c| ClientInfo {
                         conn_id: c.conn_id.to_string(),
                         user: user.to_string(),

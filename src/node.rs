@@ -1,12 +1,10 @@
 //! The node: everything one gateway process shares between its connections
 //! (config, token verifier, engine, hub, connection counts, drain signal).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::auth::Verifier;
@@ -45,7 +43,6 @@ pub struct Node {
     pub shutdown: Shutdown,
     /// Admitted connections (slots held).
     admitted: AtomicUsize,
-    per_user: Mutex<HashMap<Arc<str>, usize>>,
     /// Notified whenever a connection slot is released.
     released: Notify,
 }
@@ -66,14 +63,8 @@ pub struct ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.node.admitted.fetch_sub(1, Ordering::Relaxed);
+        self.node.connections.release(&self.user);
         self.node.released.notify_waiters();
-        let mut per_user = self.node.per_user.lock();
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                per_user.remove(&self.user);
-            }
-        }
     }
 }
 
@@ -143,7 +134,6 @@ impl Node {
             feed: Arc::new(Health::default()),
             shutdown: Shutdown::default(),
             admitted: AtomicUsize::new(0),
-            per_user: Mutex::new(HashMap::new()),
             released: Notify::new(),
         }))
     }
@@ -155,16 +145,20 @@ impl Node {
 
     /// Takes a connection slot for `user`, within the node and per-user limits.
     pub fn admit(self: &Arc<Self>, user: &Arc<str>) -> Result<ConnectionSlot, Admission> {
-        let mut per_user = self.per_user.lock();
-        if self.admitted.load(Ordering::Relaxed) >= self.config.server.max_connections {
-            return Err(Admission::NodeFull);
-        }
-        let n = per_user.entry(Arc::clone(user)).or_insert(0);
-        if *n >= self.config.server.max_connections_per_user {
+        let max = self.config.server.max_connections;
+        self.admitted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| Admission::NodeFull)?;
+        if !self
+            .connections
+            .admit(user, self.config.server.max_connections_per_user)
+        {
+            self.admitted.fetch_sub(1, Ordering::Relaxed);
+            self.released.notify_waiters();
             return Err(Admission::UserFull);
         }
-        *n += 1;
-        self.admitted.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot {
             node: Arc::clone(self),
             user: Arc::clone(user),

@@ -302,7 +302,7 @@ impl Session {
     /// Makes the connection reachable by control commands and visible as the
     /// user's; a token revoked while this connection was being set up closes it.
     async fn register(&self) {
-        let jti: Option<Arc<str>> = self.identity.jti.as_deref().map(Arc::from);
+        let jti = self.identity.jti.clone();
         self.node.connections.insert(
             &self.identity.user,
             Conn {
@@ -751,11 +751,9 @@ impl Session {
                 ));
             }
         }
-        self.node.connections.set_token(
-            &self.identity.user,
-            &self.conn_id,
-            identity.jti.as_deref().map(Arc::from),
-        );
+        self.node
+            .connections
+            .set_token(&self.identity.user, &self.conn_id, identity.jti.clone());
         self.link
             .expires_at
             .store(identity.expires_at, Ordering::Relaxed);
