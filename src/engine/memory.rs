@@ -19,7 +19,7 @@ use super::{
 };
 use crate::channel::Channel;
 use crate::config::NamespaceConfig;
-use crate::connections::Connections;
+use crate::connections::{Connections, Revocations};
 use crate::hub::Hub;
 
 /// Current Unix time in milliseconds.
@@ -477,7 +477,7 @@ impl Cursors for MemoryCursors {
 pub struct MemoryControl {
     connections: Arc<Connections>,
     hub: Arc<Hub>,
-    revoked: Mutex<HashMap<String, u64>>,
+    revoked: Revocations,
     me: NodeInfo,
 }
 
@@ -487,7 +487,7 @@ impl MemoryControl {
         MemoryControl {
             connections,
             hub,
-            revoked: Mutex::default(),
+            revoked: Revocations::default(),
             me,
         }
     }
@@ -505,20 +505,13 @@ impl Control for MemoryControl {
     }
 
     fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>> {
-        let now = unix_ms();
-        let mut revoked = self.revoked.lock();
-        revoked.retain(|_, until| *until > now);
-        revoked.insert(jti.to_string(), until_ms);
-        drop(revoked);
+        self.revoked.add(jti, until_ms);
         self.connections.kick_token(jti, "token revoked");
         Box::pin(async { Ok(()) })
     }
 
     fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked
-            .lock()
-            .get(jti)
-            .is_some_and(|until| *until > unix_ms())
+        self.revoked.contains(jti)
     }
 
     fn announce(&self, event: JoinLeave) {

@@ -134,38 +134,24 @@ pub fn write_metrics(health: &Health, out: &mut String) {
     if status.is_empty() {
         return;
     }
-    let _ = writeln!(out, "# TYPE switchyard_feed_ticks_total counter");
-    for s in &status {
-        let _ = writeln!(
-            out,
-            "switchyard_feed_ticks_total{{source=\"{}\"}} {}",
-            s.source, s.ticks
-        );
-    }
-    let _ = writeln!(out, "# TYPE switchyard_feed_reconnects_total counter");
-    for s in &status {
-        let _ = writeln!(
-            out,
-            "switchyard_feed_reconnects_total{{source=\"{}\"}} {}",
-            s.source, s.reconnects
-        );
-    }
-    let _ = writeln!(out, "# TYPE switchyard_feed_malformed_total counter");
-    for s in &status {
-        let _ = writeln!(
-            out,
-            "switchyard_feed_malformed_total{{source=\"{}\"}} {}",
-            s.source, s.malformed
-        );
-    }
-    let _ = writeln!(out, "# TYPE switchyard_feed_connected gauge");
-    for s in &status {
-        let _ = writeln!(
-            out,
-            "switchyard_feed_connected{{source=\"{}\"}} {}",
-            s.source,
-            u8::from(s.connected)
-        );
+    type Value = fn(&LinkStatus) -> u64;
+    let series: [(&str, &str, Value); 4] = [
+        ("switchyard_feed_ticks_total", "counter", |s| s.ticks),
+        ("switchyard_feed_reconnects_total", "counter", |s| {
+            s.reconnects
+        }),
+        ("switchyard_feed_malformed_total", "counter", |s| {
+            s.malformed
+        }),
+        ("switchyard_feed_connected", "gauge", |s| {
+            u64::from(s.connected)
+        }),
+    ];
+    for (name, kind, value) in series {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for s in &status {
+            let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", s.source, value(s));
+        }
     }
 }
 

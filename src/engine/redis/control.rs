@@ -6,17 +6,15 @@
 //! expire; every node holds them in memory (loaded at start and after any Redis
 //! trouble), so checking a token on connect costs no round trip.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{json_list, push_message, Store};
 use crate::channel::Channel;
-use crate::connections::Connections;
+use crate::connections::{Connections, Revocations};
 use crate::engine::memory::unix_ms;
 use crate::engine::{BoxFuture, Control, EngineError, JoinLeave, NodeInfo};
 use crate::hub::Hub;
@@ -48,8 +46,7 @@ pub struct RedisControl {
     store: Arc<Store>,
     hub: Arc<Hub>,
     connections: Arc<Connections>,
-    /// Token id → Unix ms until which it is refused.
-    revoked: Mutex<HashMap<String, u64>>,
+    revoked: Revocations,
 }
 
 impl RedisControl {
@@ -58,7 +55,7 @@ impl RedisControl {
             store,
             hub,
             connections,
-            revoked: Mutex::default(),
+            revoked: Revocations::default(),
         }
     }
 
@@ -95,23 +92,14 @@ impl RedisControl {
             .arg("WITHSCORES");
         let reply = self.store.exec(&pipe).await?.pop().unwrap_or(Value::Nil);
         let pairs: Vec<(String, f64)> = redis::from_redis_value(reply).unwrap_or_default();
-        let mut revoked = self.revoked.lock();
-        revoked.retain(|_, until| *until > now);
-        for (jti, until) in pairs {
-            let until = until as u64;
-            let e = revoked.entry(jti).or_insert(until);
-            *e = (*e).max(until);
-        }
+        self.revoked
+            .merge(pairs.into_iter().map(|(jti, until)| (jti, until as u64)));
         Ok(())
     }
 
     fn apply_revoke(&self, jti: &str, until: u64) {
         // Recorded before the kick, so a reconnect racing the close is refused.
-        self.revoked
-            .lock()
-            .entry(jti.to_string())
-            .and_modify(|u| *u = (*u).max(until))
-            .or_insert(until);
+        self.revoked.add(jti, until);
         let n = self.connections.kick_token(jti, "token revoked");
         if n > 0 {
             tracing::info!(connections = n, "closed connections of a revoked token");
@@ -212,10 +200,7 @@ impl Control for RedisControl {
     }
 
     fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked
-            .lock()
-            .get(jti)
-            .is_some_and(|until| *until > unix_ms())
+        self.revoked.contains(jti)
     }
 
     fn announce(&self, event: JoinLeave) {

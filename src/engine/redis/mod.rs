@@ -403,6 +403,20 @@ impl Store {
             .map_err(|e| self.failed(&e))
     }
 
+    /// Adds or refreshes one entry of `set` now.
+    async fn join(
+        &self,
+        set: &EntrySet,
+        id: &str,
+        json: &str,
+        user: &str,
+    ) -> Result<(), EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        self.join_into(&mut pipe, set, id, json, user);
+        self.exec(&pipe).await.map(drop)
+    }
+
     /// A JOIN of one entry, for `pipe`.
     fn join_into(&self, pipe: &mut Pipeline, set: &EntrySet, id: &str, json: &str, user: &str) {
         eval(pipe, &self.scripts.join, &set.keys())

@@ -44,13 +44,7 @@ impl Presence for RedisPresence {
                 },
             );
         let set = self.store.keys.channel_presence(channel.as_str());
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            self.store
-                .join_into(&mut pipe, &set, &info.conn_id, &json, &user);
-            self.store.exec(&pipe).await.map(drop)
-        })
+        Box::pin(async move { self.store.join(&set, &info.conn_id, &json, &user).await })
     }
 
     fn leave<'a>(
@@ -155,11 +149,9 @@ impl Presence for RedisPresence {
         let set = self.store.keys.user_connections(&info.user);
         Box::pin(async move {
             let json = to_json(&info);
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
             self.store
-                .join_into(&mut pipe, &set, &info.conn_id, &json, &info.user);
-            self.store.exec(&pipe).await.map(drop)
+                .join(&set, &info.conn_id, &json, &info.user)
+                .await
         })
     }
 
