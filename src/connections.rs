@@ -23,8 +23,8 @@ pub struct Conn {
     pub outbox: Arc<Outbox>,
 }
 
-/// A user and its connections as `(conn_id, presence JSON)`.
-pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>)>);
+/// A user and its connections as `(conn_id, device, since)`.
+pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>, u64)>);
 
 /// One user's admitted slots and open connections on this node.
 #[derive(Default)]
@@ -143,13 +143,10 @@ impl Connections {
         n
     }
 
-    /// Every connection as `(user, [(conn_id, presence JSON)])`, for the Redis heartbeat.
-    pub fn snapshot(&self, node: &str) -> Vec<UserConnections> {
-        // Copy references under the lock; encode after releasing it, so connects
-        // and disconnects never wait for a big node's heartbeat.
-        type Entry = (Arc<str>, Arc<str>, u64);
-        let copied: Vec<(Arc<str>, Vec<Entry>)> = self
-            .by_user
+    /// Every connection as `(user, [(conn_id, device, since)])`, for the Redis
+    /// heartbeat. Only references are copied under the lock.
+    pub fn snapshot(&self) -> Vec<UserConnections> {
+        self.by_user
             .lock()
             .iter()
             .filter(|(_, u)| !u.conns.is_empty())
@@ -160,26 +157,6 @@ impl Connections {
                     .map(|c| (Arc::clone(&c.conn_id), Arc::clone(&c.device), c.since))
                     .collect();
                 (Arc::clone(user), entries)
-            })
-            .collect();
-        copied
-            .into_iter()
-            .map(|(user, entries)| {
-                let encoded = entries
-                    .into_iter()
-                    .map(|(conn_id, device, since)| {
-                        let info = ClientInfo {
-                            conn_id: conn_id.to_string(),
-                            user: user.to_string(),
-                            device: device.to_string(),
-                            node: node.to_string(),
-                            since,
-                        };
-                        let json = serde_json::to_string(&info).unwrap_or_default();
-                        (conn_id, Arc::from(json))
-                    })
-                    .collect();
-                (user, encoded)
             })
             .collect()
     }

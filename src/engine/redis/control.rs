@@ -47,15 +47,40 @@ pub struct RedisControl {
     hub: Arc<Hub>,
     connections: Arc<Connections>,
     revoked: Revocations,
+    /// Join/leave events for the other nodes, published in batches by one task.
+    events: mpsc::Sender<String>,
+}
+
+/// Join/leave events waiting to be published; beyond, they are dropped (logged):
+/// presence itself is unaffected, only the notification to other nodes.
+const EVENT_QUEUE: usize = 4096;
+
+/// Publishes queued join/leave events, everything pending in one pipeline.
+async fn publish_events(store: Arc<Store>, mut events: mpsc::Receiver<String>) {
+    let channel = store.keys.join_leave();
+    let mut batch = Vec::new();
+    while events.recv_many(&mut batch, 512).await > 0 {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for payload in batch.drain(..) {
+            pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+        }
+        if let Err(e) = store.exec(&pipe).await {
+            tracing::debug!(error = %e, "join/leave events not sent to other nodes");
+        }
+    }
 }
 
 impl RedisControl {
     pub(super) fn new(store: Arc<Store>, hub: Arc<Hub>, connections: Arc<Connections>) -> Self {
+        let (events, queued) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(publish_events(Arc::clone(&store), queued));
         RedisControl {
             store,
             hub,
             connections,
             revoked: Revocations::default(),
+            events,
         }
     }
 
@@ -210,16 +235,9 @@ impl Control for RedisControl {
             event,
         })
         .unwrap_or_default();
-        let store = Arc::clone(&self.store);
-        let channel = self.store.keys.join_leave();
-        tokio::spawn(async move {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            pipe.cmd("PUBLISH").arg(channel).arg(payload);
-            if let Err(e) = store.exec(&pipe).await {
-                tracing::debug!(error = %e, "join/leave event not sent to other nodes");
-            }
-        });
+        if self.events.try_send(payload).is_err() {
+            tracing::debug!("join/leave queue full; event not sent to other nodes");
+        }
     }
 
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
@@ -247,11 +265,7 @@ impl Control for RedisControl {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             let set = self.store.keys.nodes();
             let id = self.store.node_id.clone();
-            if let Err(e) = self
-                .store
-                .eval(&self.store.scripts.leave, &set.keys(), &[id.as_bytes()])
-                .await
-            {
+            if let Err(e) = self.store.leave(&set, &id).await {
                 tracing::warn!(error = %e, "could not remove this node from the registry");
             }
         })

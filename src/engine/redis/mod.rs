@@ -282,8 +282,41 @@ fn eval<'p>(
         .arg(keys)
 }
 
-/// Entries of one set this node owns, as `(id, JSON, user)`.
-type Group = (EntrySet, Vec<(Arc<str>, Arc<str>, Arc<str>)>);
+/// One entry this node owns.
+struct Member {
+    id: Arc<str>,
+    user: Arc<str>,
+    json: MemberJson,
+}
+
+/// What a member's entry holds: channel members keep their JSON; a user's
+/// connections are encoded only when they must be written in full (most
+/// heartbeats only refresh expiries).
+enum MemberJson {
+    Encoded(Arc<str>),
+    Connection { device: Arc<str>, since: u64 },
+}
+
+impl Member {
+    fn json(&self, node: &str) -> std::borrow::Cow<'_, str> {
+        match &self.json {
+            MemberJson::Encoded(j) => std::borrow::Cow::Borrowed(j),
+            MemberJson::Connection { device, since } => {
+                let info = super::ClientInfo {
+                    conn_id: self.id.to_string(),
+                    user: self.user.to_string(),
+                    device: device.to_string(),
+                    node: node.to_string(),
+                    since: *since,
+                };
+                serde_json::to_string(&info).unwrap_or_default().into()
+            }
+        }
+    }
+}
+
+/// The entries of one set this node owns.
+type Group = (EntrySet, Vec<Member>);
 
 /// A presence entry this node owns, as written to Redis.
 struct Owned {
@@ -417,6 +450,20 @@ impl Store {
         self.exec(&pipe).await.map(drop)
     }
 
+    /// JOINs of every member of `set`, for `pipe`.
+    fn join_all(&self, pipe: &mut Pipeline, set: &EntrySet, members: &[Member]) {
+        for m in members {
+            self.join_into(pipe, set, &m.id, &m.json(&self.node_id), &m.user);
+        }
+    }
+
+    /// Removes one entry of `set` now.
+    async fn leave(&self, set: &EntrySet, id: &str) -> Result<(), EngineError> {
+        self.eval(&self.scripts.leave, &set.keys(), &[id.as_bytes()])
+            .await
+            .map(drop)
+    }
+
     /// A JOIN of one entry, for `pipe`.
     fn join_into(&self, pipe: &mut Pipeline, set: &EntrySet, id: &str, json: &str, user: &str) {
         eval(pipe, &self.scripts.join, &set.keys())
@@ -462,16 +509,24 @@ impl Store {
             for (channel, entries) in members.iter() {
                 let list = entries
                     .iter()
-                    .map(|(id, o)| (Arc::clone(id), Arc::clone(&o.json), Arc::clone(&o.user)))
+                    .map(|(id, o)| Member {
+                        id: Arc::clone(id),
+                        user: Arc::clone(&o.user),
+                        json: MemberJson::Encoded(Arc::clone(&o.json)),
+                    })
                     .collect();
                 groups.push((self.keys.channel_presence(channel.as_str()), list));
             }
         }
-        for (user, list) in self.connections.snapshot(&self.node_id) {
+        for (user, list) in self.connections.snapshot() {
             let set = self.keys.user_connections(&user);
             let list = list
                 .into_iter()
-                .map(|(id, json)| (id, json, Arc::clone(&user)))
+                .map(|(id, device, since)| Member {
+                    id,
+                    user: Arc::clone(&user),
+                    json: MemberJson::Connection { device, since },
+                })
                 .collect();
             groups.push((set, list));
         }
@@ -493,14 +548,12 @@ impl Store {
                 first = false;
             }
             if rewrite {
-                for (id, json, user) in list {
-                    self.join_into(&mut pipe, set, id, json, user);
-                }
+                self.join_all(&mut pipe, set, list);
             } else {
                 let expiry = self.expiry();
                 let zadd = pipe.cmd("ZADD").arg(&set.exp).arg("XX").arg("CH");
-                for (id, _, _) in list {
-                    zadd.arg(expiry).arg(&**id);
+                for m in list {
+                    zadd.arg(expiry).arg(&*m.id);
                 }
                 checked.push(i);
                 for key in set.keys() {
@@ -537,9 +590,7 @@ impl Store {
                 _ => 0,
             };
             if updated < list.len() {
-                for (id, json, user) in list {
-                    self.join_into(&mut pipe, set, id, json, user);
-                }
+                self.join_all(&mut pipe, set, list);
             }
         }
         if !pipe.is_empty() {

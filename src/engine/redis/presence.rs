@@ -62,16 +62,7 @@ impl Presence for RedisPresence {
             }
         }
         let set = self.store.keys.channel_presence(channel.as_str());
-        Box::pin(async move {
-            self.store
-                .eval(
-                    &self.store.scripts.leave,
-                    &set.keys(),
-                    &[conn_id.as_bytes()],
-                )
-                .await
-                .map(drop)
-        })
+        Box::pin(async move { self.store.leave(&set, conn_id).await })
     }
 
     fn page<'a>(
@@ -161,16 +152,7 @@ impl Presence for RedisPresence {
         conn_id: &'a str,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         let set = self.store.keys.user_connections(user);
-        Box::pin(async move {
-            self.store
-                .eval(
-                    &self.store.scripts.leave,
-                    &set.keys(),
-                    &[conn_id.as_bytes()],
-                )
-                .await
-                .map(drop)
-        })
+        Box::pin(async move { self.store.leave(&set, conn_id).await })
     }
 
     fn user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>> {
