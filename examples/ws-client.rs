@@ -5,9 +5,12 @@
 //! cargo run --example ws-client -- "ws://127.0.0.1:8000/ws?token=$TOKEN"
 //! {"type":"subscribe","channel":"prices.BTC-USDT"}
 //! ```
+//!
+//! It exits when the connection ends (server close or error) or stdin does.
+
+use std::io::BufRead;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main(flavor = "current_thread")]
@@ -33,17 +36,26 @@ async fn main() {
         }
     };
     let (mut tx, mut rx) = ws.split();
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    // Stdin is read on a thread of its own: a blocking read must not keep the
+    // process alive once the connection has ended.
+    let (line_tx, mut lines) = tokio::sync::mpsc::channel::<String>(16);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if line_tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
     loop {
         tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) if !line.trim().is_empty() => {
+            line = lines.recv() => match line {
+                Some(line) if !line.trim().is_empty() => {
                     if tx.send(Message::text(line)).await.is_err() {
                         break;
                     }
                 }
-                Ok(Some(_)) => {}
-                _ => break,
+                Some(_) => {}
+                None => break,
             },
             msg = rx.next() => match msg {
                 Some(Ok(Message::Text(t))) => println!("{t}"),

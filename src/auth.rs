@@ -104,6 +104,11 @@ impl AuthError {
         code: 206,
         reason: "token revoked",
     };
+    /// The user id reaches NATS headers and Redis keys: it must fit their grammar.
+    pub const BAD_SUBJECT: AuthError = AuthError {
+        code: 207,
+        reason: "token subject (`sub`) must be 1 to 255 bytes of visible ASCII",
+    };
 }
 
 /// Verifies tokens with the keys from `[auth]`.
@@ -227,8 +232,8 @@ impl Verifier {
                 _ => AuthError::INVALID,
             })?;
         let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > 200 {
-            return Err(AuthError::INVALID);
+        if !crate::ids::is_valid_user(&claims.sub) {
+            return Err(AuthError::BAD_SUBJECT);
         }
         Ok(Identity {
             user: Arc::from(claims.sub),
@@ -258,6 +263,9 @@ pub fn mint(
         return Err(ConfigError(
             "`auth.hmac_secret` is empty: cannot mint tokens".into(),
         ));
+    }
+    if !crate::ids::is_valid_user(user) {
+        return Err(ConfigError(AuthError::BAD_SUBJECT.reason.into()));
     }
     let now = unix_now();
     let claims = Claims {

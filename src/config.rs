@@ -53,6 +53,12 @@ pub struct ServerConfig {
     pub region: String,
     /// Most presence members one page returns (client frame and API).
     pub presence_page_max: usize,
+    /// A request body not fully received by then is answered 408 and the connection closed.
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Origins allowed to open WebSockets: exact (`https://app.example.com`) or with a
+    /// leading wildcard label (`https://*.example.com`); empty allows every origin.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +74,8 @@ impl Default for ServerConfig {
             advertise: String::new(),
             region: String::new(),
             presence_page_max: 1000,
+            body_read_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -422,6 +430,8 @@ pub struct NamespaceConfig {
     pub default_snapshot: usize,
     /// Largest `data` of one publication, in bytes.
     pub max_data_bytes: usize,
+    /// Deepest nesting of arrays and objects in one publication's `data`.
+    pub max_data_depth: usize,
     /// NATS engine: replicas of the namespace's stream (1, 3 or 5 on a NATS cluster).
     pub stream_replicas: usize,
     /// NATS engine: where the namespace's stream is stored.
@@ -454,6 +464,7 @@ impl Default for NamespaceConfig {
             allow: Vec::new(),
             default_snapshot: 0,
             max_data_bytes: 16 << 10,
+            max_data_depth: 64,
             stream_replicas: 1,
             stream_storage: StreamStorage::File,
         }
@@ -485,7 +496,8 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("SWITCHYARD_").split("__"));
+        // `SWITCHYARD_CONFIG` names the file (see `--config`); it is not a key.
+        figment = figment.merge(Env::prefixed("SWITCHYARD_").ignore(&["config"]).split("__"));
         let config: Config = figment.extract().map_err(|e| {
             let key = e.path.join(".");
             if key.is_empty() {
@@ -522,6 +534,13 @@ impl Config {
                 "session.rate_*",
                 "rates and bursts must be greater than zero",
             );
+        }
+        if self.server.body_read_timeout.is_zero() {
+            return err("server.body_read_timeout", "must be greater than zero");
+        }
+        if let Err(why) = crate::server::origin::AllowedOrigins::parse(&self.server.allowed_origins)
+        {
+            return err("server.allowed_origins", &why);
         }
         if self.auth.hmac_secret.is_empty()
             && self.auth.rsa_public_key.is_none()
@@ -631,6 +650,12 @@ impl Config {
                 return err(
                     &format!("namespaces.{name}.stream_replicas"),
                     "must be 1 to 5",
+                );
+            }
+            if ns.max_data_depth == 0 {
+                return err(
+                    &format!("namespaces.{name}.max_data_depth"),
+                    "must be at least 1",
                 );
             }
             if ns.max_replay == 0 {

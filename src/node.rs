@@ -16,6 +16,7 @@ use crate::engine::{redis, Broker, Engine, NodeInfo};
 use crate::feed::cache::{MemoryPrices, PriceCache, RedisPrices};
 use crate::feed::Health;
 use crate::hub::Hub;
+use crate::server::origin::AllowedOrigins;
 use crate::shutdown::Shutdown;
 
 /// The address this node is reached at, as the registry shows it.
@@ -41,6 +42,8 @@ pub struct Node {
     /// State of the embedded feed's connectors, if any.
     pub feed: Arc<Health>,
     pub shutdown: Shutdown,
+    /// `server.allowed_origins`, parsed.
+    pub origins: AllowedOrigins,
     /// Admitted connections (slots held).
     admitted: AtomicUsize,
     /// Notified whenever a connection slot is released.
@@ -72,6 +75,8 @@ impl Node {
     /// Builds a node and connects its engine, from a validated config.
     pub async fn new(config: Config) -> Result<Arc<Node>, ConfigError> {
         let verifier = Verifier::from_config(&config.auth)?;
+        let origins = AllowedOrigins::parse(&config.server.allowed_origins)
+            .map_err(|why| ConfigError(format!("`server.allowed_origins`: {why}")))?;
         let hub = Hub::new();
         let connections = Arc::new(Connections::default());
         let id = if config.server.node_id.is_empty() {
@@ -133,6 +138,7 @@ impl Node {
             prices,
             feed: Arc::new(Health::default()),
             shutdown: Shutdown::default(),
+            origins,
             admitted: AtomicUsize::new(0),
             released: Notify::new(),
         }))

@@ -1,4 +1,4 @@
-//! Client protocol v1 (DESIGN §3): parsing client frames into [`Command`]s,
+//! Client protocol v1 (docs/protocol.md): parsing client frames into [`Command`]s,
 //! encoding server frames, and the stable error and close codes.
 //!
 //! Every code here is listed in docs/protocol.md; tests assert them by number.
@@ -32,11 +32,15 @@ pub mod code {
     pub const BINARY_FRAME: u16 = 116;
     /// Presence, cursors or control need Redis, which is unreachable; retry later.
     pub const DEGRADED: u16 = 117;
+    /// Publication `data` nests arrays or objects deeper than `max_data_depth`.
+    pub const TOO_DEEP: u16 = 118;
 }
 
 /// Close codes for fatal conditions.
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    /// The server hit an internal error (a bug) while serving the connection.
+    pub const INTERNAL_ERROR: u16 = 1011;
     pub const TOKEN_EXPIRED: u16 = 4002;
     /// Disconnected by an operator, or the token was revoked.
     pub const KICKED: u16 = 4003;
@@ -127,9 +131,6 @@ struct IdOnly<'a> {
     id: Option<&'a RawValue>,
 }
 
-/// Longest accepted `msg_id`.
-pub const MAX_MSG_ID_BYTES: usize = 128;
-
 /// Parses one text frame.
 pub fn parse(text: &str) -> Result<(Option<RequestId>, Command), Rejection> {
     let env: Envelope = serde_json::from_str(text).map_err(|e| {
@@ -172,24 +173,11 @@ pub fn parse(text: &str) -> Result<(Option<RequestId>, Command), Rejection> {
         "unsubscribe" => Command::Unsubscribe {
             channel: channel(kind)?,
         },
-        "publish" => {
-            let msg_id = env.msg_id.as_deref().map(str::to_string);
-            if msg_id
-                .as_ref()
-                .is_some_and(|m| m.is_empty() || m.len() > MAX_MSG_ID_BYTES)
-            {
-                return Err(Rejection {
-                    id,
-                    code: code::BAD_FIELD,
-                    reason: format!("`msg_id` must be 1 to {MAX_MSG_ID_BYTES} bytes"),
-                });
-            }
-            Command::Publish {
-                channel: channel(kind)?,
-                data: env.data.ok_or_else(|| missing("data", kind))?.to_owned(),
-                msg_id,
-            }
-        }
+        "publish" => Command::Publish {
+            channel: channel(kind)?,
+            data: env.data.ok_or_else(|| missing("data", kind))?.to_owned(),
+            msg_id: env.msg_id.as_deref().map(str::to_string),
+        },
         "ack" => Command::Ack {
             channel: channel(kind)?,
             seq: env.seq.ok_or_else(|| missing("seq", kind))?,

@@ -52,10 +52,12 @@ impl ChannelLog {
     }
 }
 
+/// `msg_id`s seen within the dedupe window, per channel: a key used on one channel
+/// never suppresses a publication on another.
 #[derive(Default)]
 struct Dedupe {
-    seen: HashMap<String, u64>,
-    order: VecDeque<(Instant, String)>,
+    seen: HashMap<(Channel, String), u64>,
+    order: VecDeque<(Instant, (Channel, String))>,
 }
 
 impl Dedupe {
@@ -64,8 +66,8 @@ impl Dedupe {
             if now.duration_since(*at) <= window {
                 break;
             }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.seen.remove(&id);
+            if let Some((_, key)) = self.order.pop_front() {
+                self.seen.remove(&key);
             }
         }
     }
@@ -173,11 +175,12 @@ impl MemoryBroker {
         let now = Instant::now();
         // The dedupe lock is held across the store so two racing publishes of
         // one msg_id cannot both be stored.
-        let mut dedupe = match &req.msg_id {
-            Some(id) => {
+        let key = req.msg_id.map(|id| (req.channel.clone(), id));
+        let mut dedupe = match &key {
+            Some(key) => {
                 let mut d = ns.dedupe.lock();
                 d.expire(ns.cfg.dedupe_window, now);
-                if let Some(&seq) = d.seen.get(id) {
+                if let Some(&seq) = d.seen.get(key) {
                     return Ok(Published {
                         seq,
                         duplicate: true,
@@ -200,9 +203,9 @@ impl MemoryBroker {
         log.last_seq = seq;
         log.entries.push_back((now, Arc::clone(&publication)));
         log.trim(&ns.cfg, now);
-        if let (Some(d), Some(id)) = (dedupe.as_mut(), req.msg_id) {
-            d.seen.insert(id.clone(), seq);
-            d.order.push_back((now, id));
+        if let (Some(d), Some(key)) = (dedupe.as_mut(), key) {
+            d.seen.insert(key.clone(), seq);
+            d.order.push_back((now, key));
         }
         drop(dedupe);
         self.sink.deliver(&publication);

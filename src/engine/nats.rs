@@ -252,7 +252,9 @@ impl NatsBroker {
         self.connected()?;
         let mut headers = HeaderMap::new();
         if let Some(id) = &req.msg_id {
-            headers.insert("Nats-Msg-Id", id.as_str());
+            // JetStream dedupes per stream (a namespace): scope the key to the channel.
+            // A channel name has no `/`, so the first one separates the two.
+            headers.insert("Nats-Msg-Id", format!("{}/{id}", req.channel).as_str());
         }
         headers.insert(TS_HEADER, unix_ms().to_string().as_str());
         if let Some(from) = &req.from {

@@ -1,61 +1,99 @@
-//! The server HTTP API for backends (DESIGN §6): publish, broadcast, history,
-//! presence, users and their cursors, disconnect, token revocation, nodes.
-//! Every call needs `Authorization: apikey <key>`; with no key configured the
-//! API is closed.
+//! The server HTTP API for backends (docs/openapi.yaml is its contract): publish,
+//! broadcast, history, presence, users and their cursors, disconnect, token
+//! revocation, nodes, prices. Every call needs `Authorization: apikey <key>`; with
+//! no key configured the API is closed. The contract itself is served without a key.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
 use super::{error, json, Body};
-use crate::channel::Channel;
-use crate::config::NamespaceConfig;
 use crate::engine::memory::unix_ms;
-use crate::engine::{EngineError, HistoryFrom, Position, PublicationList, PublishRequest};
+use crate::engine::{ClientInfo, HistoryFrom, Position, PublicationList, PublishRequest};
 use crate::node::Node;
 use crate::protocol::code;
+use crate::request::{self, Refusal};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 1 << 20;
 
-#[derive(Deserialize)]
-struct PublishBody {
-    channel: String,
-    data: Box<RawValue>,
-    msg_id: Option<String>,
+/// The contract, served at `GET /api/v1/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+
+/// An API endpoint with the path segments it names (still percent-encoded).
+enum Route<'a> {
+    Publish,
+    Broadcast,
+    History(&'a str),
+    Presence(&'a str),
+    PresenceStats(&'a str),
+    User(&'a str),
+    UserCursors(&'a str),
+    Disconnect(&'a str),
+    Revoke(&'a str),
+    Nodes,
+    Prices,
+    Price(&'a str),
+    OpenApi,
 }
 
-#[derive(Deserialize)]
-struct BroadcastBody {
-    channels: Vec<String>,
-    data: Box<RawValue>,
-    msg_id: Option<String>,
+impl<'a> Route<'a> {
+    fn parse(path: &'a str) -> Option<Route<'a>> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        Some(match segments.as_slice() {
+            ["publish"] => Route::Publish,
+            ["broadcast"] => Route::Broadcast,
+            ["history", ch] => Route::History(ch),
+            ["presence", ch] => Route::Presence(ch),
+            ["presence", ch, "stats"] => Route::PresenceStats(ch),
+            ["users", user] => Route::User(user),
+            ["users", user, "cursors"] => Route::UserCursors(user),
+            ["users", user, "disconnect"] => Route::Disconnect(user),
+            ["tokens", jti, "revoke"] => Route::Revoke(jti),
+            ["nodes"] => Route::Nodes,
+            ["prices"] => Route::Prices,
+            ["prices", symbol] => Route::Price(symbol),
+            ["openapi.yaml"] => Route::OpenApi,
+            _ => return None,
+        })
+    }
+
+    /// Each endpoint answers exactly one method.
+    fn method(&self) -> Method {
+        match self {
+            Route::Publish | Route::Broadcast | Route::Disconnect(_) | Route::Revoke(_) => {
+                Method::POST
+            }
+            _ => Method::GET,
+        }
+    }
 }
 
-#[derive(Serialize)]
-struct PublishResult {
-    channel: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duplicate: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<u16>,
+/// A refusal as a JSON error response.
+fn refused(r: Refusal) -> Response<Body> {
+    error(r.status(), r.code, &r.reason)
 }
 
-#[derive(Serialize)]
-struct HistoryBody<'a> {
-    channel: &'a str,
-    publications: PublicationList<'a>,
-    position: Position,
-    complete: bool,
+/// `405` with the one method the endpoint answers.
+pub fn wrong_method(allowed: &Method) -> Response<Body> {
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        405,
+        &format!("method not allowed; use {allowed}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(allowed.as_str()) {
+        resp.headers_mut().insert(ALLOW, v);
+    }
+    resp
 }
 
 /// Compares without an early exit, so the key cannot be guessed byte by byte from timing.
@@ -86,11 +124,15 @@ fn refusal(node: &Node, req: &Request<Incoming>) -> Option<Response<Body>> {
     }
 }
 
-async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+/// Reads and parses a JSON body within `server.body_read_timeout`.
+async fn body<T: for<'de> Deserialize<'de>>(
+    node: &Node,
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
     // Refuse a declared oversize body before reading it (and before `100 Continue`).
     let declared = req
         .headers()
-        .get(hyper::header::CONTENT_LENGTH)
+        .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > MAX_BODY) {
@@ -100,17 +142,32 @@ async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T,
             "body larger than 1 MiB",
         ));
     }
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| {
-            error(
+    let timeout = node.config.server.body_read_timeout;
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) => {
+            return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 code::TOO_LARGE,
                 "body too large or unreadable",
-            )
-        })?
-        .to_bytes();
+            ))
+        }
+        Err(_) => {
+            // The rest of the body may still arrive: this connection cannot be reused.
+            let mut resp = error(
+                StatusCode::REQUEST_TIMEOUT,
+                408,
+                &format!(
+                    "request body not received within server.body_read_timeout ({})",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return Err(resp);
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -120,25 +177,335 @@ async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T,
     })
 }
 
-fn resolve<'a>(
-    node: &'a Node,
-    name: &str,
-) -> Result<(Channel, &'a NamespaceConfig), (StatusCode, u16, String)> {
-    let channel = Channel::parse(name).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            code::BAD_CHANNEL,
-            format!("invalid channel: {e}"),
-        )
-    })?;
-    let ns = node.namespace(channel.namespace()).ok_or_else(|| {
-        (
-            StatusCode::BAD_REQUEST,
-            code::UNKNOWN_NAMESPACE,
-            format!("unknown namespace {:?}", channel.namespace()),
-        )
-    })?;
-    Ok((channel, ns))
+/// A JSON body that may be absent (empty means all defaults).
+async fn optional_body<T: for<'de> Deserialize<'de> + Default>(
+    node: &Node,
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
+    let headers = req.headers();
+    let empty = match headers.get(CONTENT_LENGTH) {
+        Some(len) => len.to_str().is_ok_and(|v| v.trim() == "0"),
+        None => headers.get(TRANSFER_ENCODING).is_none(),
+    };
+    if empty {
+        return Ok(T::default());
+    }
+    body(node, req).await
+}
+
+/// The query parameters; one that is given twice is refused.
+struct Query<'a>(HashMap<Cow<'a, str>, Cow<'a, str>>);
+
+impl<'a> Query<'a> {
+    fn parse(req: &'a Request<Incoming>) -> Result<Query<'a>, Refusal> {
+        let mut params = HashMap::new();
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            let what = format!("query parameter `{k}` is given more than once");
+            if params.insert(k, v).is_some() {
+                return Err(Refusal::new(code::BAD_FIELD, what));
+            }
+        }
+        Ok(Query(params))
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| &**v)
+    }
+
+    /// An unsigned integer parameter of at least `min`, if present.
+    fn number(&self, name: &str, min: u64) -> Result<Option<u64>, Refusal> {
+        let Some(v) = self.text(name) else {
+            return Ok(None);
+        };
+        match v.parse::<u64>() {
+            Ok(n) if n >= min => Ok(Some(n)),
+            _ => Err(Refusal::new(
+                code::BAD_FIELD,
+                format!("query parameter `{name}` must be an integer of at least {min}"),
+            )),
+        }
+    }
+}
+
+/// A path segment, percent-decoded; `None` if it is not UTF-8.
+fn decode(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(Cow::into_owned)
+}
+
+/// A user id from a path segment, checked against the `sub` grammar.
+fn user_segment(segment: &str) -> Result<String, Refusal> {
+    decode(segment)
+        .filter(|u| crate::ids::is_valid_user(u))
+        .ok_or_else(|| {
+            Refusal::new(
+                code::BAD_FIELD,
+                "invalid user id: 1 to 255 bytes of visible ASCII",
+            )
+        })
+}
+
+/// A channel name from a path segment.
+fn channel_segment<'n>(
+    node: &'n Node,
+    segment: &str,
+) -> Result<(crate::channel::Channel, &'n crate::config::NamespaceConfig), Refusal> {
+    let name = decode(segment).unwrap_or_default();
+    request::resolve(node, &name)
+}
+
+/// Routes `/api/...`.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let Some(route) = Route::parse(&path) else {
+        if let Some(resp) = refusal(&node, &req) {
+            return resp;
+        }
+        return error(StatusCode::NOT_FOUND, 404, "no such API endpoint");
+    };
+    let method = route.method();
+    // The contract is public: a client can read it before it has a key.
+    if !matches!(route, Route::OpenApi) {
+        if let Some(resp) = refusal(&node, &req) {
+            return resp;
+        }
+    }
+    if req.method() != method {
+        return wrong_method(&method);
+    }
+    match endpoint(&node, route, req).await {
+        Ok(resp) => resp,
+        Err(r) => refused(r),
+    }
+}
+
+type Answer = Result<Response<Body>, Refusal>;
+
+async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answer {
+    match route {
+        Route::Publish => {
+            let b: PublishBody = match body(node, req).await {
+                Ok(b) => b,
+                Err(resp) => return Ok(resp),
+            };
+            let p = publish_one(node, &b.channel, b.data, b.msg_id).await?;
+            Ok(json(
+                StatusCode::OK,
+                &PublishResult::done(b.channel, p.seq, p.duplicate),
+            ))
+        }
+        Route::Broadcast => {
+            let b: BroadcastBody = match body(node, req).await {
+                Ok(b) => b,
+                Err(resp) => return Ok(resp),
+            };
+            if let Some(id) = &b.msg_id {
+                crate::ids::check_msg_id(id).map_err(|why| Refusal::new(code::BAD_FIELD, why))?;
+            }
+            let mut results = Vec::with_capacity(b.channels.len());
+            for name in b.channels {
+                // Dedupe is per channel: one msg_id covers every channel of the broadcast.
+                let r = match publish_one(node, &name, b.data.clone(), b.msg_id.clone()).await {
+                    Ok(p) => PublishResult::done(name, p.seq, p.duplicate),
+                    Err(r) => PublishResult {
+                        channel: name,
+                        seq: None,
+                        duplicate: None,
+                        error: Some(r.reason),
+                        code: Some(r.code),
+                    },
+                };
+                results.push(r);
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "results": results }),
+            ))
+        }
+        Route::History(segment) => {
+            let (channel, ns) = channel_segment(node, segment)?;
+            let query = Query::parse(&req)?;
+            // Documented: a larger limit is served as `max_replay`.
+            let limit = query
+                .number("limit", 1)?
+                .map_or(ns.max_replay, |l| (l as usize).min(ns.max_replay));
+            let from = match (query.number("since", 0)?, query.text("epoch")) {
+                (Some(seq), Some(epoch)) => HistoryFrom::After(Position {
+                    seq,
+                    epoch: epoch.to_string(),
+                }),
+                (None, None) => HistoryFrom::Latest(limit),
+                (Some(_), None) => {
+                    return Err(Refusal::new(code::BAD_FIELD, "`since` needs `epoch`"))
+                }
+                (None, Some(_)) => {
+                    return Err(Refusal::new(code::BAD_FIELD, "`epoch` needs `since`"))
+                }
+            };
+            let page = node.engine.broker.history(&channel, from, limit).await?;
+            Ok(json(
+                StatusCode::OK,
+                &HistoryBody {
+                    channel: channel.as_str(),
+                    publications: PublicationList(&page.publications),
+                    position: page.position,
+                    complete: page.complete,
+                },
+            ))
+        }
+        Route::Presence(segment) | Route::PresenceStats(segment) => {
+            let stats = matches!(route, Route::PresenceStats(_));
+            presence(node, &req, segment, stats).await
+        }
+        Route::User(segment) => {
+            let user = user_segment(segment)?;
+            let conns = node.engine.presence.user(&user).await?;
+            Ok(json(
+                StatusCode::OK,
+                &UserBody {
+                    online: !conns.is_empty(),
+                    user,
+                    connections: conns,
+                },
+            ))
+        }
+        Route::UserCursors(segment) => {
+            let user = user_segment(segment)?;
+            let cursors = node.engine.cursors.list(&user).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"user": user, "cursors": cursors}),
+            ))
+        }
+        Route::Disconnect(segment) => {
+            let user = user_segment(segment)?;
+            let b: DisconnectBody = match optional_body(node, req).await {
+                Ok(b) => b,
+                Err(resp) => return Ok(resp),
+            };
+            if let Some(device) = &b.device {
+                crate::ids::check_device(device)
+                    .map_err(|why| Refusal::new(code::BAD_FIELD, why))?;
+            }
+            node.engine
+                .control
+                .disconnect(&user, b.device.as_deref())
+                .await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"user": user, "device": b.device}),
+            ))
+        }
+        Route::Revoke(segment) => {
+            let jti = decode(segment)
+                .filter(|j| !j.is_empty())
+                .ok_or_else(|| Refusal::new(code::BAD_FIELD, "invalid token id"))?;
+            let b: RevokeBody = match optional_body(node, req).await {
+                Ok(b) => b,
+                Err(resp) => return Ok(resp),
+            };
+            // Kept until the token would expire; without that, for `revocation_ttl`.
+            let until_ms = match b.expires_at {
+                Some(secs) => secs.saturating_mul(1000),
+                None => unix_ms() + node.config.redis.revocation_ttl.as_millis() as u64,
+            };
+            node.engine.control.revoke(&jti, until_ms).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"jti": jti, "revoked_until_ms": until_ms}),
+            ))
+        }
+        Route::Nodes => {
+            let nodes = node.engine.control.nodes().await?;
+            Ok(json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })))
+        }
+        Route::Prices => {
+            let list = node.prices.all().await?;
+            let now = unix_ms();
+            let prices: Vec<PriceBody> = list.iter().map(|c| PriceBody::new(c, now)).collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "prices": prices }),
+            ))
+        }
+        Route::Price(symbol) => {
+            if !crate::channel::is_valid_token(symbol) {
+                return Err(Refusal::new(code::BAD_FIELD, "invalid symbol"));
+            }
+            match node.prices.get(symbol).await? {
+                Some(c) => Ok(json(StatusCode::OK, &PriceBody::new(&c, unix_ms()))),
+                None => Ok(error(
+                    StatusCode::NOT_FOUND,
+                    404,
+                    &format!("no price for {symbol}"),
+                )),
+            }
+        }
+        Route::OpenApi => {
+            let mut resp = Response::new(Body::from(OPENAPI));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/yaml"),
+            );
+            Ok(resp)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    msg_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PublishResult {
+    channel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+}
+
+impl PublishResult {
+    fn done(channel: String, seq: u64, duplicate: bool) -> Self {
+        PublishResult {
+            channel,
+            seq: Some(seq),
+            duplicate: Some(duplicate),
+            error: None,
+            code: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HistoryBody<'a> {
+    channel: &'a str,
+    publications: PublicationList<'a>,
+    position: Position,
+    complete: bool,
+}
+
+#[derive(Serialize)]
+struct UserBody {
+    user: String,
+    online: bool,
+    connections: Vec<ClientInfo>,
 }
 
 async fn publish_one(
@@ -146,17 +513,12 @@ async fn publish_one(
     name: &str,
     data: Box<RawValue>,
     msg_id: Option<String>,
-) -> Result<crate::engine::Published, (StatusCode, u16, String)> {
-    let (channel, ns) = resolve(node, name)?;
-    if data.get().len() > ns.max_data_bytes {
-        return Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            code::TOO_LARGE,
-            format!("data is larger than {} bytes", ns.max_data_bytes),
-        ));
-    }
+) -> Result<crate::engine::Published, Refusal> {
+    let (channel, ns) = request::resolve(node, name)?;
+    request::check_publication(ns, &data, msg_id.as_deref())?;
     let span = tracing::info_span!("api_publish", channel = %channel);
-    node.engine
+    Ok(node
+        .engine
         .broker
         .publish(PublishRequest {
             channel,
@@ -165,221 +527,7 @@ async fn publish_one(
             msg_id,
         })
         .instrument(span)
-        .await
-        .map_err(engine_error)
-}
-
-fn engine_error(e: EngineError) -> (StatusCode, u16, String) {
-    match e {
-        EngineError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, m),
-        EngineError::Rejected(m) => (StatusCode::BAD_REQUEST, code::BAD_FIELD, m),
-        EngineError::Degraded(m) => (StatusCode::SERVICE_UNAVAILABLE, code::DEGRADED, m),
-    }
-}
-
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    form_urlencoded::parse(req.uri().query()?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
-}
-
-/// Routes `/api/...`.
-pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    if let Some(resp) = refusal(&node, &req) {
-        return resp;
-    }
-    let path = req.uri().path().to_string();
-    match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/api/v1/publish") => {
-            let b: PublishBody = match body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match publish_one(&node, &b.channel, b.data, b.msg_id).await {
-                Ok(p) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"channel": b.channel, "seq": p.seq, "duplicate": p.duplicate}),
-                ),
-                Err((status, c, m)) => error(status, c, &m),
-            }
-        }
-        (Method::POST, "/api/v1/broadcast") => {
-            let b: BroadcastBody = match body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            let mut results = Vec::with_capacity(b.channels.len());
-            for name in &b.channels {
-                // One msg_id per channel: dedupe must not fold two channels into one.
-                let msg_id = b.msg_id.as_ref().map(|m| format!("{m}/{name}"));
-                let r = match publish_one(&node, name, b.data.clone(), msg_id).await {
-                    Ok(p) => PublishResult {
-                        channel: name.clone(),
-                        seq: Some(p.seq),
-                        duplicate: Some(p.duplicate),
-                        error: None,
-                        code: None,
-                    },
-                    Err((_, c, m)) => PublishResult {
-                        channel: name.clone(),
-                        seq: None,
-                        duplicate: None,
-                        error: Some(m),
-                        code: Some(c),
-                    },
-                };
-                results.push(r);
-            }
-            json(StatusCode::OK, &serde_json::json!({ "results": results }))
-        }
-        (Method::GET, p) if p.starts_with("/api/v1/history/") => {
-            let name = &p["/api/v1/history/".len()..];
-            let (channel, ns) = match resolve(&node, name) {
-                Ok(r) => r,
-                Err((status, c, m)) => return error(status, c, &m),
-            };
-            let limit = query_param(&req, "limit")
-                .and_then(|l| l.parse::<usize>().ok())
-                .unwrap_or(ns.max_replay)
-                .clamp(1, ns.max_replay);
-            let since = query_param(&req, "since").and_then(|s| s.parse::<u64>().ok());
-            let from = match (since, query_param(&req, "epoch")) {
-                (Some(seq), Some(epoch)) => HistoryFrom::After(Position { seq, epoch }),
-                (Some(_), None) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        code::BAD_FIELD,
-                        "`since` needs `epoch`",
-                    )
-                }
-                (None, _) => HistoryFrom::Latest(limit),
-            };
-            match node.engine.broker.history(&channel, from, limit).await {
-                Ok(page) => json(
-                    StatusCode::OK,
-                    &HistoryBody {
-                        channel: channel.as_str(),
-                        publications: PublicationList(&page.publications),
-                        position: page.position,
-                        complete: page.complete,
-                    },
-                ),
-                Err(e) => {
-                    let (status, c, m) = engine_error(e);
-                    error(status, c, &m)
-                }
-            }
-        }
-        (Method::GET, "/api/v1/prices") => match node.prices.all().await {
-            Ok(list) => {
-                let now = unix_ms();
-                let prices: Vec<PriceBody> = list.iter().map(|c| PriceBody::new(c, now)).collect();
-                json(StatusCode::OK, &serde_json::json!({ "prices": prices }))
-            }
-            Err(e) => engine_response(e),
-        },
-        (Method::GET, p) if p.starts_with("/api/v1/prices/") => {
-            let symbol = &p["/api/v1/prices/".len()..];
-            if !crate::channel::is_valid_token(symbol) {
-                return error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid symbol");
-            }
-            match node.prices.get(symbol).await {
-                Ok(Some(c)) => json(StatusCode::OK, &PriceBody::new(&c, unix_ms())),
-                Ok(None) => error(
-                    StatusCode::NOT_FOUND,
-                    404,
-                    &format!("no price for {symbol}"),
-                ),
-                Err(e) => engine_response(e),
-            }
-        }
-        (Method::GET, "/api/v1/nodes") => match node.engine.control.nodes().await {
-            Ok(nodes) => json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })),
-            Err(e) => engine_response(e),
-        },
-        (Method::GET, p) if p.starts_with("/api/v1/presence/") => {
-            let rest = &p["/api/v1/presence/".len()..];
-            let (name, stats) = match rest.strip_suffix("/stats") {
-                Some(name) => (name, true),
-                None => (rest, false),
-            };
-            presence(&node, &req, name, stats).await
-        }
-        (Method::GET, p) if p.starts_with("/api/v1/users/") => {
-            let rest = &p["/api/v1/users/".len()..];
-            match rest.strip_suffix("/cursors") {
-                Some(user) => match decode(user) {
-                    Some(user) => match node.engine.cursors.list(&user).await {
-                        Ok(cursors) => json(
-                            StatusCode::OK,
-                            &serde_json::json!({"user": user, "cursors": cursors}),
-                        ),
-                        Err(e) => engine_response(e),
-                    },
-                    None => bad_user(),
-                },
-                None => match decode(rest) {
-                    Some(user) => match node.engine.presence.user(&user).await {
-                        Ok(conns) => json(
-                            StatusCode::OK,
-                            &serde_json::json!({
-                                "user": user,
-                                "online": !conns.is_empty(),
-                                "connections": conns,
-                            }),
-                        ),
-                        Err(e) => engine_response(e),
-                    },
-                    None => bad_user(),
-                },
-            }
-        }
-        (Method::POST, p) if p.starts_with("/api/v1/users/") && p.ends_with("/disconnect") => {
-            let raw = &p["/api/v1/users/".len()..p.len() - "/disconnect".len()];
-            let Some(user) = decode(raw) else {
-                return bad_user();
-            };
-            let b: DisconnectBody = match optional_body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            match node
-                .engine
-                .control
-                .disconnect(&user, b.device.as_deref())
-                .await
-            {
-                Ok(()) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"user": user, "device": b.device}),
-                ),
-                Err(e) => engine_response(e),
-            }
-        }
-        (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
-            let raw = &p["/api/v1/tokens/".len()..p.len() - "/revoke".len()];
-            let Some(jti) = decode(raw) else {
-                return error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid token id");
-            };
-            let b: RevokeBody = match optional_body(req).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            // Kept until the token would expire; without that, for `revocation_ttl`.
-            let until_ms = match b.expires_at {
-                Some(secs) => secs.saturating_mul(1000),
-                None => unix_ms() + node.config.redis.revocation_ttl.as_millis() as u64,
-            };
-            match node.engine.control.revoke(&jti, until_ms).await {
-                Ok(()) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"jti": jti, "revoked_until_ms": until_ms}),
-                ),
-                Err(e) => engine_response(e),
-            }
-        }
-        _ => error(StatusCode::NOT_FOUND, 404, "no such API endpoint"),
-    }
+        .await?)
 }
 
 /// A cached price with its age.
@@ -418,89 +566,47 @@ struct RevokeBody {
     expires_at: Option<u64>,
 }
 
-/// A JSON body that may be absent (empty means all defaults).
-async fn optional_body<T: for<'de> Deserialize<'de> + Default>(
-    req: Request<Incoming>,
-) -> Result<T, Response<Body>> {
-    let empty = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim() == "0")
-        || (req.headers().get(hyper::header::CONTENT_LENGTH).is_none()
-            && req
-                .headers()
-                .get(hyper::header::TRANSFER_ENCODING)
-                .is_none());
-    if empty {
-        return Ok(T::default());
-    }
-    body(req).await
-}
-
-/// A path segment, percent-decoded; `None` if empty, not UTF-8, or holding a `/`.
-fn decode(segment: &str) -> Option<String> {
-    let s = percent_encoding::percent_decode_str(segment)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    (!s.is_empty() && !s.contains('/')).then_some(s)
-}
-
-fn bad_user() -> Response<Body> {
-    error(StatusCode::BAD_REQUEST, code::BAD_FIELD, "invalid user id")
-}
-
-fn engine_response(e: EngineError) -> Response<Body> {
-    let (status, c, m) = engine_error(e);
-    error(status, c, &m)
-}
-
 #[derive(Serialize)]
 struct PresenceBody<'a> {
     channel: &'a str,
-    clients: Vec<crate::engine::ClientInfo>,
+    clients: Vec<ClientInfo>,
     next: Option<String>,
 }
 
 /// `GET /api/v1/presence/{channel}[?cursor=&limit=]` and `.../stats`.
-async fn presence(node: &Node, req: &Request<Incoming>, name: &str, stats: bool) -> Response<Body> {
-    let (channel, ns) = match resolve(node, name) {
-        Ok(r) => r,
-        Err((status, c, m)) => return error(status, c, &m),
-    };
+async fn presence(node: &Node, req: &Request<Incoming>, segment: &str, stats: bool) -> Answer {
+    let (channel, ns) = channel_segment(node, segment)?;
     if !ns.presence {
-        return error(
-            StatusCode::BAD_REQUEST,
+        return Err(Refusal::new(
             code::NOT_ENABLED,
-            &format!("namespace {:?} has no presence", channel.namespace()),
-        );
+            format!("namespace {:?} has no presence", channel.namespace()),
+        ));
     }
     let p = &node.engine.presence;
+    let query = Query::parse(req)?;
     if stats {
-        return match p.stats(&channel).await {
-            Ok(s) => json(
-                StatusCode::OK,
-                &serde_json::json!({"channel": channel.as_str(), "clients": s.clients, "users": s.users}),
-            ),
-            Err(e) => engine_response(e),
-        };
+        let s = p.stats(&channel).await?;
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"channel": channel.as_str(), "clients": s.clients, "users": s.users}),
+        ));
     }
     let max = node.config.presence_page_max();
-    let limit = query_param(req, "limit")
-        .and_then(|l| l.parse::<usize>().ok())
-        .unwrap_or(max)
-        .clamp(1, max);
-    let cursor = query_param(req, "cursor");
-    match p.page(&channel, cursor.as_deref(), limit).await {
-        Ok(page) => json(
-            StatusCode::OK,
-            &PresenceBody {
-                channel: channel.as_str(),
-                clients: page.clients,
-                next: page.next,
-            },
-        ),
-        Err(e) => engine_response(e),
+    // Documented: a larger limit is served as `server.presence_page_max`.
+    let limit = query
+        .number("limit", 1)?
+        .map_or(max, |l| (l as usize).min(max));
+    let cursor = query.text("cursor");
+    if let Some(c) = cursor {
+        request::check_page_cursor(c)?;
     }
+    let page = p.page(&channel, cursor, limit).await?;
+    Ok(json(
+        StatusCode::OK,
+        &PresenceBody {
+            channel: channel.as_str(),
+            clients: page.clients,
+            next: page.next,
+        },
+    ))
 }

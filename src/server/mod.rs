@@ -2,11 +2,16 @@
 //! endpoints (`/healthz`, `/readyz`), and the drain on shutdown.
 
 pub mod api;
+pub mod origin;
+pub mod parse_errors;
 pub mod ws;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
 use crate::node::Node;
+use parse_errors::JsonParseErrors;
 
 /// Every response body is a full buffer.
 pub type Body = Full<Bytes>;
@@ -53,17 +59,43 @@ pub fn error(status: StatusCode, code: u16, message: &str) -> Response<Body> {
     )
 }
 
+/// Answers one request; a panic below answers 500 instead of dropping the connection.
 async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path();
-    let resp = match (req.method(), path) {
-        (&Method::GET, "/ws") => ws::upgrade(node, req),
-        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(&node),
-        (&Method::GET, "/metrics") => metrics(&node),
-        (_, p) if p.starts_with("/api/") => api::handle(node, req).await,
-        _ => error(StatusCode::NOT_FOUND, 404, "not found"),
-    };
+    let resp = AssertUnwindSafe(dispatch(node, req))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!("request handler panicked; answered 500");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                crate::protocol::code::INTERNAL,
+                "internal error",
+            )
+        });
     Ok(resp)
+}
+
+async fn dispatch(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path.starts_with("/api/") {
+        return api::handle(node, req).await;
+    }
+    #[cfg(feature = "test-hooks")]
+    if path == "/test/panic" {
+        panic!("test hook: request handler panic");
+    }
+    if !matches!(path, "/ws" | "/healthz" | "/readyz" | "/metrics") {
+        return error(StatusCode::NOT_FOUND, 404, "not found");
+    }
+    if req.method() != Method::GET {
+        return api::wrong_method(&Method::GET);
+    }
+    match path {
+        "/ws" => ws::upgrade(node, req),
+        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => readyz(&node),
+        _ => metrics(&node),
+    }
 }
 
 /// Ready means: not draining and the broker's backbone is reachable. Redis being
@@ -189,7 +221,7 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(JsonParseErrors::new(stream)), service)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "http connection ended with error");

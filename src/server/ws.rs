@@ -1,12 +1,15 @@
-//! The `/ws` endpoint: finds the token (header, query, or subprotocol),
-//! verifies it and admits the connection *before* upgrading, then hands the
-//! upgraded socket to a session.
+//! The `/ws` endpoint: checks the handshake (version, key, origin), finds the
+//! token (header, query, or subprotocol), verifies it and admits the connection
+//! *before* upgrading, then hands the upgraded socket to a session.
 
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION,
+};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
@@ -20,19 +23,29 @@ const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 
 struct Credentials {
     token: Option<String>,
-    device: Option<String>,
+    /// The `device` query value, checked against its grammar.
+    device: Result<Option<String>, String>,
     /// The subprotocol to echo, when the client offered any.
     protocol: Option<String>,
 }
 
+/// Whether a `Sec-WebSocket-Key` is the base64 encoding of 16 bytes (RFC 6455 §4.2.1):
+/// 22 base64 digits and `==`.
+fn valid_key(key: &[u8]) -> bool {
+    let digit = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..22].iter().all(digit) && &key[22..] == b"=="
+}
+
 fn credentials<B>(req: &Request<B>) -> Credentials {
     let mut token = None;
-    let mut device = None;
+    let mut device = Ok(None);
     if let Some(query) = req.uri().query() {
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
                 "token" => token = Some(v.into_owned()),
-                "device" if !v.is_empty() && v.len() <= 128 => device = Some(v.into_owned()),
+                "device" => {
+                    device = crate::ids::check_device(&v).map(|()| Some(v.into_owned()));
+                }
                 _ => {}
             }
         }
@@ -96,7 +109,47 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             "expected a WebSocket upgrade request",
         );
     }
+    let headers = req.headers();
+    if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut resp = error(
+            StatusCode::UPGRADE_REQUIRED,
+            426,
+            "only WebSocket version 13 is supported",
+        );
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return resp;
+    }
+    if !headers
+        .get(SEC_WEBSOCKET_KEY)
+        .is_some_and(|k| valid_key(k.as_bytes()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            400,
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+        );
+    }
+    // An origin that is not visible ASCII matches no pattern.
+    let origin = headers.get(ORIGIN).map(|o| o.to_str().unwrap_or(""));
+    if !node.origins.allows(origin) {
+        return error(
+            StatusCode::FORBIDDEN,
+            403,
+            "origin not allowed (server.allowed_origins)",
+        );
+    }
     let creds = credentials(&req);
+    let device = match creds.device {
+        Ok(device) => device,
+        Err(why) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                crate::protocol::code::BAD_FIELD,
+                &why,
+            )
+        }
+    };
     let identity = match creds.token.as_deref() {
         None => return unauthorized(&AuthError::MISSING),
         Some(token) => match node.verifier.verify(token) {
@@ -142,7 +195,6 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     if let Some(p) = creds.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         parts.headers.insert(SEC_WEBSOCKET_PROTOCOL, p);
     }
-    let device = creds.device;
     tokio::spawn(async move {
         match fut.await {
             Ok(ws) => {

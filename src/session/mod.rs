@@ -11,9 +11,11 @@ pub mod rate_limit;
 pub mod writer;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -28,48 +30,19 @@ use crate::config::NamespaceConfig;
 use crate::connections::Conn;
 use crate::engine::memory::unix_ms;
 use crate::engine::{
-    ClientInfo, EngineError, HistoryFrom, JoinLeave, Position, PublicationList, PublishRequest,
+    ClientInfo, HistoryFrom, JoinLeave, Position, PublicationList, PublishRequest,
 };
 use crate::hub::Subscription;
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{self, close, code, Command};
+use crate::request::{self, Refusal};
+use crate::server::parse_errors::JsonParseErrors;
 use frame_reader::{FrameReader, OpCode, ReadError};
 use outbox::Outbox;
 use rate_limit::RateLimiter;
 use writer::Link;
 
-/// An error answered to one request.
-struct Failure {
-    code: u16,
-    reason: String,
-}
-
-impl Failure {
-    fn new(code: u16, reason: impl Into<String>) -> Self {
-        Failure {
-            code,
-            reason: reason.into(),
-        }
-    }
-}
-
-impl From<EngineError> for Failure {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::Unavailable(m) => Failure::new(
-                code::UNAVAILABLE,
-                format!("temporarily unavailable, retry: {m}"),
-            ),
-            EngineError::Rejected(m) => Failure::new(code::BAD_FIELD, m),
-            EngineError::Degraded(m) => Failure::new(
-                code::DEGRADED,
-                format!("presence and cursors are degraded, retry: {m}"),
-            ),
-        }
-    }
-}
-
-type Outcome = Result<(), Failure>;
+type Outcome = Result<(), Refusal>;
 
 /// The state of one connection, owned by its reader.
 pub struct Session {
@@ -118,9 +91,12 @@ pub async fn serve(
 ) {
     // Unwrap hyper's upgrade to the TCP stream: its owned halves need no shared lock,
     // and hyper's HTTP buffers are freed. Bytes hyper read past the handshake come first.
-    match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+    match io
+        .into_inner()
+        .downcast::<TokioIo<JsonParseErrors<TcpStream>>>()
+    {
         Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
+            let (read, write) = parts.io.into_inner().into_inner().into_split();
             // Copy out: even an empty slice would pin hyper's whole read buffer.
             let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
             drop(parts.read_buf);
@@ -184,8 +160,25 @@ async fn run<R, W>(
         since: unix_ms(),
     };
     tracing::debug!(conn = %session.conn_id, user = %session.identity.user, "connected");
-    Box::pin(session.register()).await;
+    // A panic while serving this connection must not leave it half alive: close
+    // the socket (1011) and clean up as for any other close.
+    let served = AssertUnwindSafe(read_loop(&mut session, &mut reader))
+        .catch_unwind()
+        .await;
+    if served.is_err() {
+        tracing::error!(conn = %session.conn_id, "session panicked; closing with 1011");
+        outbox.close(close::INTERNAL_ERROR, "internal error", true);
+    }
 
+    // Boxed: the end of a connection is its rarest path and should not size the
+    // state every idle connection carries.
+    Box::pin(finish(session, reader, writer, slot)).await;
+}
+
+/// Registers the connection, then reads and executes frames until it closes.
+async fn read_loop<R: AsyncRead + Unpin>(session: &mut Session, reader: &mut FrameReader<R>) {
+    let outbox = Arc::clone(&session.link.outbox);
+    Box::pin(session.register()).await;
     loop {
         let frame = tokio::select! {
             frame = reader.read_frame() => frame,
@@ -252,10 +245,6 @@ async fn run<R, W>(
             OpCode::Pong => {}
         }
     }
-
-    // Boxed: the end of a connection is its rarest path and should not size the
-    // state every idle connection carries.
-    Box::pin(finish(session, reader, writer, slot)).await;
 }
 
 /// Unsubscribes, completes the closing handshake and waits for the writer.
@@ -377,6 +366,15 @@ impl Session {
     }
 
     async fn on_text(&mut self, text: &str) {
+        #[cfg(feature = "test-hooks")]
+        if let Some(target) = text.strip_prefix("test-panic:") {
+            if target == "writer" {
+                self.link.panic_writer.store(true, Ordering::Relaxed);
+                self.link.outbox.push_control(outbox::Item::Ping);
+                return;
+            }
+            panic!("test hook: session reader panic");
+        }
         let (id, command) = match protocol::parse(text) {
             Ok(parsed) => parsed,
             Err(rej) => {
@@ -421,28 +419,11 @@ impl Session {
         }
     }
 
-    /// Resolves a channel name to the channel and its namespace options.
-    fn resolve(&self, name: &str) -> Result<(Channel, NamespaceConfig), Failure> {
-        let channel = Channel::parse(name)
-            .map_err(|e| Failure::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
-        let ns = self
-            .node
-            .namespace(channel.namespace())
-            .ok_or_else(|| {
-                Failure::new(
-                    code::UNKNOWN_NAMESPACE,
-                    format!("unknown namespace {:?}", channel.namespace()),
-                )
-            })?
-            .clone();
-        Ok((channel, ns))
-    }
-
     fn require(&self, ns: &NamespaceConfig, perm: Permission, channel: &Channel) -> Outcome {
         if ns.allow.contains(&perm) || self.identity.granted(perm, channel) {
             Ok(())
         } else {
-            Err(Failure::new(
+            Err(Refusal::new(
                 code::PERMISSION_DENIED,
                 format!("permission denied: {} on {channel}", perm_name(perm)),
             ))
@@ -456,16 +437,17 @@ impl Session {
         since: Option<Position>,
         snapshot: Option<usize>,
     ) -> Outcome {
-        let (channel, ns) = self.resolve(name)?;
-        self.require(&ns, Permission::Sub, &channel)?;
+        let node = Arc::clone(&self.node);
+        let (channel, ns) = request::resolve(&node, name)?;
+        self.require(ns, Permission::Sub, &channel)?;
         if self.subs.contains_key(&channel) {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::ALREADY_SUBSCRIBED,
                 format!("already subscribed to {channel}"),
             ));
         }
         if self.subs.len() >= self.node.config.session.max_subscriptions {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::TOO_MANY_SUBSCRIPTIONS,
                 format!(
                     "at most {} subscriptions per connection",
@@ -528,7 +510,7 @@ impl Session {
         sub.go_live(reply, &page.publications, after);
         self.subs.insert(channel.clone(), sub);
         if ns.presence {
-            self.join_presence(&channel, &ns).await;
+            self.join_presence(&channel, ns).await;
         }
         Ok(())
     }
@@ -580,9 +562,9 @@ impl Session {
 
     async fn unsubscribe(&mut self, id: Option<&RawValue>, name: &str) -> Outcome {
         let channel = Channel::parse(name)
-            .map_err(|e| Failure::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
+            .map_err(|e| Refusal::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
         let Some(sub) = self.subs.remove(&channel) else {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::NOT_SUBSCRIBED,
                 format!("not subscribed to {channel}"),
             ));
@@ -605,10 +587,11 @@ impl Session {
         data: Box<RawValue>,
         msg_id: Option<String>,
     ) -> Outcome {
-        let (channel, ns) = self.resolve(name)?;
-        self.require(&ns, Permission::Pub, &channel)?;
+        let node = Arc::clone(&self.node);
+        let (channel, ns) = request::resolve(&node, name)?;
+        self.require(ns, Permission::Pub, &channel)?;
         if !ns.client_publish {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::PUBLISH_DISABLED,
                 format!(
                     "clients cannot publish in namespace {:?}",
@@ -616,12 +599,7 @@ impl Session {
                 ),
             ));
         }
-        if data.get().len() > ns.max_data_bytes {
-            return Err(Failure::new(
-                code::TOO_LARGE,
-                format!("data is larger than {} bytes", ns.max_data_bytes),
-            ));
-        }
+        request::check_publication(ns, &data, msg_id.as_deref())?;
         let span = tracing::info_span!("publish", channel = %channel, user = %self.identity.user);
         let published = self
             .node
@@ -648,14 +626,15 @@ impl Session {
     }
 
     async fn ack(&mut self, name: &str, seq: u64) -> Outcome {
-        let (channel, ns) = self.resolve(name)?;
+        let node = Arc::clone(&self.node);
+        let (channel, ns) = request::resolve(&node, name)?;
         if !ns.acked {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::NOT_ENABLED,
                 format!("namespace {:?} has no acked cursors", channel.namespace()),
             ));
         }
-        self.require(&ns, Permission::Sub, &channel)?;
+        self.require(ns, Permission::Sub, &channel)?;
         self.node
             .engine
             .cursors
@@ -672,8 +651,9 @@ impl Session {
         since: Option<Position>,
         limit: Option<usize>,
     ) -> Outcome {
-        let (channel, ns) = self.resolve(name)?;
-        self.require(&ns, Permission::History, &channel)?;
+        let node = Arc::clone(&self.node);
+        let (channel, ns) = request::resolve(&node, name)?;
+        self.require(ns, Permission::History, &channel)?;
         let limit = limit.unwrap_or(ns.max_replay).clamp(1, ns.max_replay);
         let from = match since {
             Some(p) => HistoryFrom::After(p),
@@ -704,14 +684,18 @@ impl Session {
         cursor: Option<String>,
         limit: Option<usize>,
     ) -> Outcome {
-        let (channel, ns) = self.resolve(name)?;
+        let node = Arc::clone(&self.node);
+        let (channel, ns) = request::resolve(&node, name)?;
         if !ns.presence {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::NOT_ENABLED,
                 format!("namespace {:?} has no presence", channel.namespace()),
             ));
         }
-        self.require(&ns, Permission::Presence, &channel)?;
+        self.require(ns, Permission::Presence, &channel)?;
+        if let Some(c) = &cursor {
+            request::check_page_cursor(c)?;
+        }
         let max = self.node.config.presence_page_max();
         let limit = limit.unwrap_or(max).clamp(1, max);
         let page = self
@@ -735,17 +719,17 @@ impl Session {
     fn refresh(&mut self, id: Option<&RawValue>, token: &str) -> Outcome {
         let identity =
             self.node.verifier.verify(token).map_err(|e| {
-                Failure::new(code::BAD_TOKEN, format!("refresh refused: {}", e.reason))
+                Refusal::new(code::BAD_TOKEN, format!("refresh refused: {}", e.reason))
             })?;
         if identity.user != self.identity.user {
-            return Err(Failure::new(
+            return Err(Refusal::new(
                 code::BAD_TOKEN,
                 "refresh refused: token is for another user",
             ));
         }
         if let Some(jti) = identity.jti.as_deref() {
             if self.node.engine.control.is_revoked(jti) {
-                return Err(Failure::new(
+                return Err(Refusal::new(
                     code::BAD_TOKEN,
                     "refresh refused: token revoked",
                 ));

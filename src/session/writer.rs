@@ -2,12 +2,14 @@
 //! outbox in batches (many frames per syscall), and owns the connection's timers:
 //! WebSocket pings, the idle timeout, token expiry, and the drain on shutdown.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
+use futures_util::FutureExt;
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -25,6 +27,9 @@ pub struct Link {
     pub expires_at: AtomicU64,
     /// Whether `expiring` was sent for the current token.
     pub expiring_sent: AtomicBool,
+    /// Test hook: the writer panics at its next turn.
+    #[cfg(feature = "test-hooks")]
+    pub panic_writer: AtomicBool,
     /// Milliseconds since `start` of the last inbound frame.
     last_inbound: AtomicU64,
     start: Instant,
@@ -37,6 +42,8 @@ impl Link {
             outbox,
             expires_at: AtomicU64::new(expires_at),
             expiring_sent: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            panic_writer: AtomicBool::new(false),
             last_inbound: AtomicU64::new(0),
             start: Instant::now(),
         }
@@ -92,8 +99,33 @@ fn unix_deadline(unix_secs: u64, now: Instant) -> Instant {
     now + Duration::from_secs(unix_secs.saturating_sub(now_unix))
 }
 
-/// Runs until the connection is closed or the socket fails.
+/// Runs until the connection is closed or the socket fails. A panic while writing
+/// closes the connection with 1011, and the reader then cleans up.
 pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<Node>) {
+    let wrote = AssertUnwindSafe(write_loop(&mut io, &link, &node))
+        .catch_unwind()
+        .await;
+    if wrote.is_err() {
+        tracing::error!("connection writer panicked; closing with 1011");
+        let mut buf = Vec::new();
+        let closing = Closing {
+            code: close::INTERNAL_ERROR,
+            reason: "internal error".into(),
+            flush: false,
+        };
+        encode_close(&mut buf, &closing);
+        let timeout = node.config.session.write_timeout;
+        let _ = tokio::time::timeout(timeout, async {
+            io.write_all(&buf).await?;
+            io.shutdown().await
+        })
+        .await;
+        link.outbox
+            .close(close::INTERNAL_ERROR, "internal error", false);
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node) {
     // Read from the node's config rather than copied: this future is per connection.
     let cfg = &node.config.session;
     let shutdown = &node.shutdown;
@@ -104,6 +136,10 @@ pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<No
     let mut next_ping = Instant::now() + cfg.ping_interval;
     let mut draining = false;
     loop {
+        #[cfg(feature = "test-hooks")]
+        if link.panic_writer.load(Ordering::Relaxed) {
+            panic!("test hook: connection writer panic");
+        }
         let mut items = Vec::new();
         let batch = outbox.take(&mut items, BATCH_ITEMS);
         for item in items {
