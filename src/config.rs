@@ -736,6 +736,8 @@ mod tests {
         assert_eq!(c.redis.cursor_ttl, d.redis.cursor_ttl);
         assert_eq!(c.redis.ack_buffer, d.redis.ack_buffer);
         assert_eq!(c.server.presence_page_max, d.server.presence_page_max);
+        assert_eq!(c.server.body_read_timeout, d.server.body_read_timeout);
+        assert_eq!(c.server.allowed_origins, d.server.allowed_origins);
         assert_eq!(c.feed.kucoin.backoff_max, d.feed.kucoin.backoff_max);
         assert_eq!(c.feed.stale_after, d.feed.stale_after);
         // `make run` shows live prices: the shipped file turns the demo feed on.

@@ -419,6 +419,15 @@ async fn websocket_handshake_checks_key_and_origin() {
             "key {key:?}"
         );
     }
+    let refused = try_connect_with(
+        gw.addr,
+        "",
+        &[("authorization", &auth), ("sec-websocket-version", "12")],
+    )
+    .await
+    .err()
+    .expect("version 12 is refused");
+    assert_eq!((refused.status, &refused.body["code"]), (400, &json!(400)));
     // The RFC's own example key is valid.
     try_connect_with(
         gw.addr,

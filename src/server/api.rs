@@ -25,8 +25,34 @@ use crate::request::{self, Refusal};
 /// Largest accepted request body.
 const MAX_BODY: usize = 1 << 20;
 
-/// The contract, served at `GET /api/v1/openapi.yaml`.
+/// The contract as written, for any deployment.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+
+/// The channel pattern of [`OPENAPI`], once for `Channel`, then for `PresenceChannel`.
+const ANY_NAMESPACE: &str = r#"pattern: "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+){1,15}$""#;
+
+/// The contract of this node: its channel patterns name its namespaces, so a
+/// schema-valid channel is one the node serves.
+pub fn contract(node: &Node) -> String {
+    let pattern = |names: Vec<&str>| {
+        format!(
+            r#"pattern: "^({})(\\.[A-Za-z0-9_-]+){{1,15}}$""#,
+            names.join("|")
+        )
+    };
+    let namespaces = &node.config.namespaces;
+    let all: Vec<&str> = namespaces.keys().map(String::as_str).collect();
+    let with_presence: Vec<&str> = namespaces
+        .iter()
+        .filter(|(_, ns)| ns.presence)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let doc = OPENAPI.replacen(ANY_NAMESPACE, &pattern(all), 1);
+    if with_presence.is_empty() {
+        return doc;
+    }
+    doc.replacen(ANY_NAMESPACE, &pattern(with_presence), 1)
+}
 
 /// An API endpoint with the path segments it names (still percent-encoded).
 enum Route<'a> {
@@ -212,16 +238,35 @@ impl<'a> Query<'a> {
         self.0.get(name).map(|v| &**v)
     }
 
-    /// An unsigned integer parameter of at least `min`, if present.
-    fn number(&self, name: &str, min: u64) -> Result<Option<u64>, Refusal> {
+    /// A seq parameter (an unsigned 64-bit integer), if present.
+    fn seq(&self, name: &str) -> Result<Option<u64>, Refusal> {
         let Some(v) = self.text(name) else {
             return Ok(None);
         };
+        v.parse::<u64>().map(Some).map_err(|_| {
+            Refusal::new(
+                code::BAD_FIELD,
+                format!(
+                    "query parameter `{name}` must be an integer from 0 to {}",
+                    u64::MAX
+                ),
+            )
+        })
+    }
+
+    /// A `limit`: an integer of at least 1; any larger one is served as the maximum.
+    fn limit(&self, max: usize) -> Result<usize, Refusal> {
+        let Some(v) = self.text("limit") else {
+            return Ok(max);
+        };
+        let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
         match v.parse::<u64>() {
-            Ok(n) if n >= min => Ok(Some(n)),
+            Ok(n) if n >= 1 => Ok(usize::try_from(n).map_or(max, |n| n.min(max))),
+            // Only an overflow fails to parse digits: a huge limit.
+            Err(_) if digits => Ok(max),
             _ => Err(Refusal::new(
                 code::BAD_FIELD,
-                format!("query parameter `{name}` must be an integer of at least {min}"),
+                "query parameter `limit` must be an integer of at least 1",
             )),
         }
     }
@@ -328,10 +373,8 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
             let (channel, ns) = channel_segment(node, segment)?;
             let query = Query::parse(&req)?;
             // Documented: a larger limit is served as `max_replay`.
-            let limit = query
-                .number("limit", 1)?
-                .map_or(ns.max_replay, |l| (l as usize).min(ns.max_replay));
-            let from = match (query.number("since", 0)?, query.text("epoch")) {
+            let limit = query.limit(ns.max_replay)?;
+            let from = match (query.seq("since")?, query.text("epoch")) {
                 (Some(seq), Some(epoch)) => HistoryFrom::After(Position {
                     seq,
                     epoch: epoch.to_string(),
@@ -444,7 +487,7 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
             }
         }
         Route::OpenApi => {
-            let mut resp = Response::new(Body::from(OPENAPI));
+            let mut resp = Response::new(Body::from(contract(node)));
             resp.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/yaml"),
@@ -563,7 +606,23 @@ struct DisconnectBody {
 #[serde(deny_unknown_fields)]
 struct RevokeBody {
     /// The token's `exp` (Unix seconds): how long the revocation must be kept.
+    #[serde(default, deserialize_with = "whole_number")]
     expires_at: Option<u64>,
+}
+
+/// A non-negative integer as JSON means it: `5` and `5.0` alike.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+            .map(|f| f as u64)
+    });
+    whole
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("expected a non-negative integer"))
 }
 
 #[derive(Serialize)]
@@ -593,9 +652,7 @@ async fn presence(node: &Node, req: &Request<Incoming>, segment: &str, stats: bo
     }
     let max = node.config.presence_page_max();
     // Documented: a larger limit is served as `server.presence_page_max`.
-    let limit = query
-        .number("limit", 1)?
-        .map_or(max, |l| (l as usize).min(max));
+    let limit = query.limit(max)?;
     let cursor = query.text("cursor");
     if let Some(c) = cursor {
         request::check_page_cursor(c)?;
@@ -609,4 +666,14 @@ async fn presence(node: &Node, req: &Request<Incoming>, segment: &str, stats: bo
             next: page.next,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ANY_NAMESPACE, OPENAPI};
+
+    #[test]
+    fn the_contract_has_both_channel_patterns_to_specialise() {
+        assert_eq!(OPENAPI.matches(ANY_NAMESPACE).count(), 2);
+    }
 }

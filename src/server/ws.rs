@@ -111,9 +111,10 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     }
     let headers = req.headers();
     if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        // RFC 6455 §4.2.2: refuse, naming the version this server speaks.
         let mut resp = error(
-            StatusCode::UPGRADE_REQUIRED,
-            426,
+            StatusCode::BAD_REQUEST,
+            400,
             "only WebSocket version 13 is supported",
         );
         resp.headers_mut()
