@@ -254,6 +254,9 @@ async fn finish<R: AsyncRead + Unpin>(
     writer: tokio::task::JoinHandle<()>,
     slot: ConnectionSlot,
 ) {
+    // Acks first: the close frame waits for them (see `Link::settle`).
+    session.write_acks().await;
+    session.link.settle();
     session.cleanup().await;
     session.unregister().await;
     // Closing handshake: keep reading (and discarding) until the client answers our
@@ -317,19 +320,23 @@ impl Session {
         }
     }
 
+    /// Writes this connection's acks: the device may resume on another node at once,
+    /// so its cursor must be stored before the close completes.
+    async fn write_acks(&self) {
+        if self.acked {
+            if let Err(e) = self.node.engine.cursors.flush().await {
+                tracing::warn!(error = %e, "acks of a closed connection stay buffered");
+            }
+        }
+    }
+
     async fn unregister(&self) {
         self.node
             .connections
             .remove(&self.identity.user, &self.conn_id);
-        let engine = &self.node.engine;
-        // The device may resume on another node at once: its cursor must be there
-        // before the user shows as gone.
-        if self.acked {
-            if let Err(e) = engine.cursors.flush().await {
-                tracing::warn!(error = %e, "acks of a closed connection stay buffered");
-            }
-        }
-        if let Err(e) = engine
+        if let Err(e) = self
+            .node
+            .engine
             .presence
             .disconnect(&self.identity.user, &self.conn_id)
             .await
@@ -640,7 +647,10 @@ impl Session {
             .cursors
             .ack(&self.identity.user, &self.device, &channel, seq)
             .await?;
-        self.acked = true;
+        if !self.acked {
+            self.acked = true;
+            self.link.unsettle();
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use fastwebsockets::{Frame, OpCode, Payload};
 use futures_util::FutureExt;
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use super::outbox::{Batch, Closing, Item, Outbox};
 use crate::node::Node;
@@ -30,6 +31,10 @@ pub struct Link {
     /// Test hook: the writer panics at its next turn.
     #[cfg(feature = "test-hooks")]
     pub panic_writer: AtomicBool,
+    /// Whether every ack this connection received is written (true until its first
+    /// ack): the close frame waits for it, so a resume anywhere sees those acks.
+    settled: AtomicBool,
+    settled_wake: Notify,
     /// Milliseconds since `start` of the last inbound frame.
     last_inbound: AtomicU64,
     start: Instant,
@@ -42,6 +47,8 @@ impl Link {
             outbox,
             expires_at: AtomicU64::new(expires_at),
             expiring_sent: AtomicBool::new(false),
+            settled: AtomicBool::new(true),
+            settled_wake: Notify::new(),
             #[cfg(feature = "test-hooks")]
             panic_writer: AtomicBool::new(false),
             last_inbound: AtomicU64::new(0),
@@ -53,6 +60,28 @@ impl Link {
     pub fn touch(&self) {
         self.last_inbound
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The connection received an ack that is not written yet.
+    pub fn unsettle(&self) {
+        self.settled.store(false, Ordering::Release);
+    }
+
+    /// Every ack the connection received is written (or could not be): the close
+    /// frame may go.
+    pub fn settle(&self) {
+        self.settled.store(true, Ordering::Release);
+        self.settled_wake.notify_waiters();
+    }
+
+    async fn settled(&self) {
+        let notified = self.settled_wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.settled.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 
     fn last_inbound(&self) -> Instant {
@@ -156,26 +185,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node)
         }
         let closing = match batch {
             Batch::Close(c) => {
+                // The close frame tells the client its acks are done with: they must
+                // be stored first, or a resume elsewhere replays what it acked.
+                if !link.settled.load(Ordering::Acquire) {
+                    if !write(io, &mut buf, cfg.write_timeout, outbox).await {
+                        return;
+                    }
+                    let _ = tokio::time::timeout(cfg.write_timeout, link.settled()).await;
+                }
                 encode_close(&mut buf, &c);
                 Some(c)
             }
             Batch::Frames => None,
         };
-        if !buf.is_empty() {
-            match tokio::time::timeout(cfg.write_timeout, io.write_all(&buf)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "write failed");
-                    outbox.close(close::NORMAL, "write failed", false);
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("write timed out; dropping connection");
-                    outbox.close(close::SLOW_CONSUMER, "write timed out", false);
-                    return;
-                }
-            }
-            buf.clear();
+        if !write(io, &mut buf, cfg.write_timeout, outbox).await {
+            return;
         }
         if let Some(c) = closing {
             tracing::debug!(code = c.code, reason = %c.reason, "closing connection");
@@ -224,6 +248,35 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node)
                 outbox.push_reply(protocol::reply("reconnect", None, AfterMs { after_ms }));
                 outbox.close(close::SHUTTING_DOWN, "node shutting down", true);
             }
+        }
+    }
+}
+
+/// Writes and clears `buf`; `false` when the socket failed or stalled (the
+/// connection is then closed without a close frame).
+async fn write<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    outbox: &Outbox,
+) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    match tokio::time::timeout(timeout, io.write_all(buf)).await {
+        Ok(Ok(())) => {
+            buf.clear();
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            outbox.close(close::NORMAL, "write failed", false);
+            false
+        }
+        Err(_) => {
+            tracing::debug!("write timed out; dropping connection");
+            outbox.close(close::SLOW_CONSUMER, "write timed out", false);
+            false
         }
     }
 }

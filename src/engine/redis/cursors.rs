@@ -75,28 +75,35 @@ impl RedisCursors {
 
     /// Writes everything pending; on failure puts it back (merged with newer acks).
     async fn write(&self) -> Result<(), EngineError> {
-        let batch = std::mem::take(&mut *self.pending.lock());
-        if batch.entries == 0 {
-            return Ok(());
-        }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let ttl = self.store.cfg.cursor_ttl.as_millis() as u64;
-        for ((user, device), channels) in &batch.by_device {
-            let key = self.store.keys.cursor(user, device);
-            let devices = self.store.keys.cursor_devices(user);
-            let cmd = eval(&mut pipe, &self.store.scripts.cursor, &[&key, &devices])
-                .arg(ttl)
-                .arg(&**device);
-            for (channel, seq) in channels {
-                cmd.arg(channel.as_str()).arg(seq.to_string());
+        {
+            // Moved under both locks (in `buffered`'s order): a reader sees each
+            // ack in one of the two at every instant.
+            let mut pending = self.pending.lock();
+            if pending.entries == 0 {
+                return Ok(());
+            }
+            let mut in_flight = self.in_flight.lock();
+            *in_flight = std::mem::take(&mut *pending);
+            for ((user, device), channels) in &in_flight.by_device {
+                let key = self.store.keys.cursor(user, device);
+                let devices = self.store.keys.cursor_devices(user);
+                let cmd = eval(&mut pipe, &self.store.scripts.cursor, &[&key, &devices])
+                    .arg(ttl)
+                    .arg(&**device);
+                for (channel, seq) in channels {
+                    cmd.arg(channel.as_str()).arg(seq.to_string());
+                }
             }
         }
-        *self.in_flight.lock() = batch;
         let result = self.store.exec(&pipe).await;
+        // Back to pending before it leaves in_flight, so a failed batch stays visible.
+        let mut pending = self.pending.lock();
         let batch = std::mem::take(&mut *self.in_flight.lock());
         if result.is_err() {
-            self.pending.lock().merge(batch);
+            pending.merge(batch);
         }
         result.map(drop)
     }
@@ -183,6 +190,8 @@ impl Cursors for RedisCursors {
         channel: &'a Channel,
     ) -> BoxFuture<'a, Result<Option<u64>, EngineError>> {
         Box::pin(async move {
+            // Buffered first: an ack written meanwhile is then in Redis when it is read.
+            let buffered = self.buffered(user, device, channel);
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             pipe.cmd("HGET")
@@ -194,7 +203,7 @@ impl Cursors for RedisCursors {
                     .and_then(|s| s.parse::<u64>().ok()),
                 _ => None,
             };
-            Ok(stored.max(self.buffered(user, device, channel)))
+            Ok(stored.max(buffered))
         })
     }
 
@@ -258,9 +267,9 @@ impl Cursors for RedisCursors {
     fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
-            if self.flush_now.try_send(tx).is_err() {
-                // Many disconnects at once: the writer is busy and will write these too.
-                return Ok(());
+            // Waits for room: a closing connection must know its acks are written.
+            if self.flush_now.send(tx).await.is_err() {
+                return Err(EngineError::Degraded("cursor writer stopped".into()));
             }
             rx.await
                 .unwrap_or_else(|_| Err(EngineError::Degraded("cursor writer stopped".into())))

@@ -1,0 +1,156 @@
+//! Acked cursors under churn and loss (issue 15), on real redis-server and
+//! nats-server: exact after a clean close, honest when the store lost them.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const CAPS: &[&str] = &["chat.>=sub+pub+history+presence"];
+
+async fn connect_device(addr: std::net::SocketAddr, user: &str, device: &str) -> Client {
+    let t = token(user, CAPS, Duration::from_secs(600));
+    try_connect_with(
+        addr,
+        &format!("?device={device}"),
+        &[("authorization", &format!("Bearer {t}"))],
+    )
+    .await
+    .expect("connection accepted")
+}
+
+/// Closes from the client side and waits for the server's close frame: the
+/// closing handshake is complete when this returns.
+async fn close_cleanly(mut c: Client) {
+    c.ws.close(None).await.expect("close frame sent");
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, 1000);
+}
+
+const RESUMES: usize = 1000;
+
+/// A device acks what it receives, closes cleanly and resubscribes at once without
+/// `since`, alternating between two nodes, while a publisher runs: no acked
+/// publication is ever delivered again, and none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_close_makes_every_ack_visible_to_the_next_resume() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut cfg_a = redis_config(&nats, &redis, "a");
+    // The periodic flush alone would hide nothing within this test's timing.
+    cfg_a.redis.ack_flush_interval = Duration::from_secs(60);
+    let mut cfg_b = redis_config(&nats, &redis, "b");
+    cfg_b.redis.ack_flush_interval = Duration::from_secs(60);
+    let nodes = [start(cfg_a).await.addr, start(cfg_b).await.addr];
+    let ch = "chat.room.churn";
+
+    // The device's first connection creates its cursor before anything is published.
+    let mut first = connect_device(nodes[0], "u", "phone").await;
+    first.subscribe(ch).await;
+    first
+        .send(json!({"type": "ack", "channel": ch, "seq": 0}))
+        .await;
+    first.ping().await;
+    close_cleanly(first).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = Arc::clone(&stop);
+        let addr = nodes[1];
+        tokio::spawn(async move {
+            let mut p = connect_as(addr, "sender", CAPS).await;
+            let mut seqs = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                seqs.push(p.publish(ch, json!({"n": seqs.len()})).await);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seqs
+        })
+    };
+
+    let mut acked = 0u64;
+    let mut received = BTreeSet::new();
+    let mut redelivered = 0usize;
+    for i in 0..RESUMES {
+        let mut c = connect_device(nodes[i % 2], "u", "phone").await;
+        let r = c.subscribe(ch).await;
+        // Read the replay (or one live publication), ack the last, then close.
+        let want = r["replayed"].as_u64().unwrap().max(1);
+        for _ in 0..want {
+            let seq = c.recv_type("msg").await["seq"].as_u64().unwrap();
+            if seq <= acked {
+                redelivered += 1;
+            }
+            received.insert(seq);
+            acked = acked.max(seq);
+        }
+        c.send(json!({"type": "ack", "channel": ch, "seq": acked}))
+            .await;
+        close_cleanly(c).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.await.unwrap();
+    // A last resume collects the rest.
+    let mut c = connect_device(nodes[0], "u", "phone").await;
+    let r = c.subscribe(ch).await;
+    assert_eq!(r["recovered"], true, "{r}");
+    let last = *published.last().unwrap();
+    while acked < last {
+        let seq = c.recv_type("msg").await["seq"].as_u64().unwrap();
+        if seq <= acked {
+            redelivered += 1;
+        }
+        received.insert(seq);
+        acked = acked.max(seq);
+    }
+    eprintln!("{RESUMES} clean resumes: {redelivered} acked publications delivered again");
+    assert_eq!(redelivered, 0, "acked publications came back");
+    let want: BTreeSet<u64> = published.into_iter().collect();
+    assert_eq!(
+        received, want,
+        "every publication exactly once, none skipped"
+    );
+}
+
+/// A drain's close is as exact as the client's: acks received before the
+/// `reconnect` + 4012 are visible to the resume on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_connection_acks_before_its_close() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut cfg = redis_config(&nats, &redis, "a");
+    cfg.redis.ack_flush_interval = Duration::from_secs(60);
+    cfg.server.reconnect_jitter = Duration::ZERO;
+    let a = start(cfg).await;
+    let b = start(redis_config(&nats, &redis, "b")).await;
+    let ch = "chat.room.drain";
+    let mut c = connect_device(a.addr, "u", "tablet").await;
+    c.subscribe(ch).await;
+    let mut p = connect_as(b.addr, "sender", CAPS).await;
+    let mut published = Vec::new();
+    for i in 0..5 {
+        published.push(p.publish(ch, json!(i)).await);
+    }
+    for want in &published {
+        assert_eq!(&c.recv_type("msg").await["seq"], want);
+    }
+    c.send(json!({"type": "ack", "channel": ch, "seq": published[3]}))
+        .await;
+    c.ping().await;
+    a.node.shutdown.trigger();
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, 4012);
+    let mut again = connect_device(b.addr, "u", "tablet").await;
+    let r = again.subscribe(ch).await;
+    assert_eq!(
+        (&r["recovered"], &r["replayed"]),
+        (&json!(true), &json!(1)),
+        "{r}"
+    );
+    assert_eq!(again.recv_type("msg").await["seq"], published[4]);
+}
