@@ -276,6 +276,9 @@ pub struct Subscribed<'a> {
     pub position: Position,
     pub recovered: bool,
     pub replayed: usize,
+    /// Acked namespaces without `since`: whether the device resumed from a stored cursor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_cursor: Option<bool>,
 }
 
 /// A body with only a channel (`unsubscribed`).

@@ -154,3 +154,128 @@ async fn a_drained_connection_acks_before_its_close() {
     );
     assert_eq!(again.recv_type("msg").await["seq"], published[4]);
 }
+
+/// Redis restarted empty (no persistence) lost the cursors: a device that resumes
+/// without `since` is told it could not be recovered, not sent live-only as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_lost_with_redis_is_not_reported_recovered() {
+    let nats = NatsServer::start();
+    let mut redis = RedisServer::start();
+    let a = start(redis_config(&nats, &redis, "a")).await;
+    let b = start(redis_config(&nats, &redis, "b")).await;
+    let ch = "chat.room.lost";
+    let mut c = connect_device(a.addr, "u", "laptop").await;
+    let r = c.subscribe(ch).await;
+    assert_eq!(r["stored_cursor"], false, "a new device: {r}");
+    let mut p = connect_as(b.addr, "sender", CAPS).await;
+    let first = p.publish(ch, json!("before")).await;
+    assert_eq!(c.recv_type("msg").await["seq"], first);
+    c.send(json!({"type": "ack", "channel": ch, "seq": first}))
+        .await;
+    close_cleanly(c).await;
+    // With the cursor stored, a resume says so.
+    let mut c = connect_device(b.addr, "u", "laptop").await;
+    let r = c.subscribe(ch).await;
+    assert_eq!(
+        (&r["recovered"], &r["stored_cursor"]),
+        (&json!(true), &json!(true)),
+        "{r}"
+    );
+    close_cleanly(c).await;
+
+    redis.stop();
+    redis.restart();
+    // Published while the device was away: it must not be silently skipped.
+    let missed = p.publish(ch, json!("while away")).await;
+    let mut c = eventually(WAIT, "a resume after Redis is back", || async {
+        let mut c = connect_device(b.addr, "u", "laptop").await;
+        let (r, _) = c.request(json!({"type": "subscribe", "channel": ch})).await;
+        (r["type"] == "subscribed").then_some((c, r))
+    })
+    .await;
+    assert_eq!(
+        (&c.1["recovered"], &c.1["stored_cursor"]),
+        (&json!(false), &json!(false)),
+        "the lost cursor is reported: {}",
+        c.1
+    );
+    // A device that resumes with its own position is unaffected.
+    let epoch = c.1["position"]["epoch"].as_str().unwrap().to_string();
+    let mut own = connect_device(a.addr, "u", "tablet").await;
+    let r = own
+        .call(
+            json!({"type": "subscribe", "channel": ch, "since": {"seq": first, "epoch": epoch}}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(
+        (&r["recovered"], &r["replayed"]),
+        (&json!(true), &json!(1)),
+        "{r}"
+    );
+    assert_eq!(own.recv_type("msg").await["seq"], missed);
+    // Once the device acks again, its new cursor is trusted.
+    let next = p.publish(ch, json!("after")).await;
+    assert_eq!(c.0.recv_type("msg").await["seq"], next);
+    c.0.send(json!({"type": "ack", "channel": ch, "seq": next}))
+        .await;
+    close_cleanly(c.0).await;
+    let mut c = connect_device(a.addr, "u", "laptop").await;
+    let r = c.subscribe(ch).await;
+    assert_eq!(
+        (&r["recovered"], &r["stored_cursor"], &r["replayed"]),
+        (&json!(true), &json!(true), &json!(0)),
+        "{r}"
+    );
+}
+
+/// A cursor from a stream that was since deleted and recreated is treated like a
+/// `since` with a wrong epoch, not applied to the new stream's seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_another_stream_incarnation_is_not_recovered() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let a = start(redis_config(&nats, &redis, "a")).await;
+    let ch = "chat.room.epoch";
+    let mut c = connect_device(a.addr, "u", "watch").await;
+    c.subscribe(ch).await;
+    let mut p = connect_as(a.addr, "sender", CAPS).await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = p.publish(ch, json!(i)).await;
+    }
+    while c.recv_type("msg").await["seq"] != last {}
+    c.send(json!({"type": "ack", "channel": ch, "seq": last}))
+        .await;
+    close_cleanly(c).await;
+    let (_, cursors) = api(a.addr, "GET", "/api/v1/users/u/cursors", None).await;
+    let old_epoch = cursors["cursors"][0]["epoch"]
+        .as_str()
+        .expect("the epoch is stored")
+        .to_string();
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    js.delete_stream("SY_CHAT").await.unwrap();
+    // Another node starting provisions the stream afresh; its seqs start at 1.
+    let _b = start(redis_config(&nats, &redis, "b")).await;
+    let mut fresh = Vec::new();
+    for i in 0..3 {
+        fresh.push(p.publish(ch, json!(i)).await);
+    }
+    assert!(
+        fresh[2] <= last,
+        "the new incarnation reuses seqs: {fresh:?}"
+    );
+
+    let mut c = connect_device(a.addr, "u", "watch").await;
+    let r = c.subscribe(ch).await;
+    assert_ne!(r["position"]["epoch"].as_str(), Some(old_epoch.as_str()));
+    assert_eq!(
+        (&r["recovered"], &r["stored_cursor"], &r["replayed"]),
+        (&json!(false), &json!(true), &json!(3)),
+        "the old cursor is not applied to the new stream: {r}"
+    );
+    for want in &fresh {
+        assert_eq!(&c.recv_type("msg").await["seq"], want);
+    }
+}

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::{
-    BoxFuture, Broker, ClientInfo, Control, Cursors, DeviceCursor, EngineError, HistoryFrom,
-    HistoryPage, JoinLeave, LiveSink, NodeInfo, Position, Presence, PresencePage, PresenceStats,
-    Publication, PublishRequest, Published,
+    AckedSeq, BoxFuture, Broker, ClientInfo, Control, CursorRead, Cursors, DeviceCursor,
+    EngineError, HistoryFrom, HistoryPage, JoinLeave, LiveSink, NodeInfo, Position, Presence,
+    PresencePage, PresenceStats, Publication, PublishRequest, Published,
 };
 use crate::channel::Channel;
 use crate::config::NamespaceConfig;
@@ -421,7 +421,7 @@ impl Presence for MemoryPresence {
 /// Cursors of the memory engine.
 #[derive(Default)]
 pub struct MemoryCursors {
-    cursors: Mutex<HashMap<(String, String, Channel), u64>>,
+    cursors: Mutex<HashMap<(String, String, Channel), AckedSeq>>,
 }
 
 impl Cursors for MemoryCursors {
@@ -430,13 +430,15 @@ impl Cursors for MemoryCursors {
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-        seq: u64,
+        at: AckedSeq,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         let mut cursors = self.cursors.lock();
-        let cur = cursors
-            .entry((user.to_string(), device.to_string(), channel.clone()))
-            .or_insert(0);
-        *cur = (*cur).max(seq);
+        match cursors.entry((user.to_string(), device.to_string(), channel.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().advance(at),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(at);
+            }
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -445,13 +447,13 @@ impl Cursors for MemoryCursors {
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<Option<u64>, EngineError>> {
-        let seq = self
+    ) -> BoxFuture<'a, Result<CursorRead, EngineError>> {
+        let found = self
             .cursors
             .lock()
             .get(&(user.to_string(), device.to_string(), channel.clone()))
-            .copied();
-        Box::pin(async move { Ok(seq) })
+            .cloned();
+        Box::pin(async move { Ok(found.map_or(CursorRead::Absent, CursorRead::Found)) })
     }
 
     fn list<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<DeviceCursor>, EngineError>> {
@@ -460,10 +462,11 @@ impl Cursors for MemoryCursors {
             .lock()
             .iter()
             .filter(|((u, _, _), _)| u == user)
-            .map(|((_, device, channel), seq)| DeviceCursor {
+            .map(|((_, device, channel), at)| DeviceCursor {
                 device: device.clone(),
                 channel: channel.to_string(),
-                seq: *seq,
+                seq: at.seq,
+                epoch: at.epoch.as_deref().map(str::to_string),
             })
             .collect();
         list.sort_by(|a, b| (&a.device, &a.channel).cmp(&(&b.device, &b.channel)));

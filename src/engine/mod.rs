@@ -256,25 +256,64 @@ pub struct DeviceCursor {
     pub device: String,
     pub channel: String,
     pub seq: u64,
+    /// The stream incarnation `seq` belongs to; absent for an ack on a channel the
+    /// connection was not subscribed to.
+    pub epoch: Option<String>,
 }
 
-/// Per user+device read cursors (acked namespaces, DESIGN §4.5).
+/// An acked position: a seq, in a stream incarnation when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckedSeq {
+    pub seq: u64,
+    pub epoch: Option<Arc<str>>,
+}
+
+impl AckedSeq {
+    /// Folds a newer ack in: the higher seq of one incarnation, or the newer
+    /// incarnation (whose seqs start again) when they differ.
+    pub fn advance(&mut self, newer: AckedSeq) {
+        match (&self.epoch, &newer.epoch) {
+            (Some(a), Some(b)) if a != b => *self = newer,
+            _ => {
+                self.seq = self.seq.max(newer.seq);
+                if newer.epoch.is_some() {
+                    self.epoch = newer.epoch;
+                }
+            }
+        }
+    }
+}
+
+/// What a cursor read found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorRead {
+    /// The device's cursor.
+    Found(AckedSeq),
+    /// No cursor: a device that never acked here.
+    Absent,
+    /// No cursor, but the cursor store lost its data within `redis.cursor_ttl`: the
+    /// device may have had one, so it cannot be told it missed nothing.
+    Lost,
+}
+
+/// Per user+device read cursors (acked namespaces, docs/architecture.md).
 pub trait Cursors: Send + Sync {
-    /// Moves the cursor forward to `seq`; never back. May be buffered (see [`Cursors::flush`]).
+    /// Moves the cursor forward to `at`; never back within one stream incarnation.
+    /// May be buffered (see [`Cursors::flush`]).
     fn ack<'a>(
         &'a self,
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-        seq: u64,
+        at: AckedSeq,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
-    /// The highest acked seq, if any, including acks not yet written.
+    /// The highest acked position, including acks not yet written.
     fn get<'a>(
         &'a self,
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<Option<u64>, EngineError>>;
+    ) -> BoxFuture<'a, Result<CursorRead, EngineError>>;
     /// Every cursor of every device of a user.
     fn list<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<DeviceCursor>, EngineError>>;
     /// Writes buffered acks now (a device disconnects and may resume on another node).

@@ -30,7 +30,8 @@ use crate::config::NamespaceConfig;
 use crate::connections::Conn;
 use crate::engine::memory::unix_ms;
 use crate::engine::{
-    ClientInfo, HistoryFrom, JoinLeave, Position, PublicationList, PublishRequest,
+    AckedSeq, ClientInfo, CursorRead, HistoryFrom, JoinLeave, Position, PublicationList,
+    PublishRequest,
 };
 use crate::hub::Subscription;
 use crate::node::{ConnectionSlot, Node};
@@ -52,7 +53,7 @@ pub struct Session {
     /// Shares the connection id's allocation when the client names no device.
     device: Arc<str>,
     identity: Identity,
-    subs: HashMap<Channel, Arc<Subscription>>,
+    subs: HashMap<Channel, Joined>,
     limiter: RateLimiter,
     violations: u32,
     /// Whether this connection acked anything: its cursors are written on disconnect.
@@ -463,16 +464,34 @@ impl Session {
             ));
         }
         let engine = &self.node.engine;
-        // What the client already has: an explicit position, else its stored cursor.
+        // What the client already has: an explicit position, else its stored cursor
+        // (with the stream epoch it was acked in, it is exactly a `since`).
+        let mut cursor_lost = false;
+        let from_cursor = since.is_none() && ns.acked;
         let resume = match since {
             Some(p) => Some(Resume::Position(p)),
-            None if ns.acked => engine
+            None if ns.acked => match engine
                 .cursors
                 .get(&self.identity.user, &self.device, &channel)
                 .await?
-                .map(Resume::Cursor),
+            {
+                CursorRead::Found(AckedSeq {
+                    seq,
+                    epoch: Some(epoch),
+                }) => Some(Resume::Position(Position {
+                    seq,
+                    epoch: epoch.to_string(),
+                })),
+                CursorRead::Found(AckedSeq { seq, epoch: None }) => Some(Resume::Cursor(seq)),
+                CursorRead::Absent => None,
+                CursorRead::Lost => {
+                    cursor_lost = true;
+                    None
+                }
+            },
             None => None,
         };
+        let stored_cursor = from_cursor.then_some(resume.is_some());
         let snapshot = snapshot.unwrap_or(ns.default_snapshot).min(ns.history_size);
         let from = match &resume {
             Some(Resume::Position(p)) => HistoryFrom::After(p.clone()),
@@ -502,7 +521,12 @@ impl Session {
             None if snapshot > 0 => 0,
             None => page.position.seq,
         };
-        let recovered = resume.is_none() || page.complete;
+        // A lost cursor may have pointed anywhere: nothing can be proven recovered.
+        let recovered = if resume.is_none() {
+            !cursor_lost
+        } else {
+            page.complete
+        };
         let replayed = page.publications.iter().filter(|p| p.seq > after).count();
         let reply = protocol::reply(
             "subscribed",
@@ -512,10 +536,12 @@ impl Session {
                 position: page.position.clone(),
                 recovered,
                 replayed,
+                stored_cursor,
             },
         );
         sub.go_live(reply, &page.publications, after);
-        self.subs.insert(channel.clone(), sub);
+        let epoch = Arc::from(page.position.epoch.as_str());
+        self.subs.insert(channel.clone(), Joined { sub, epoch });
         if ns.presence {
             self.join_presence(&channel, ns).await;
         }
@@ -570,7 +596,7 @@ impl Session {
     async fn unsubscribe(&mut self, id: Option<&RawValue>, name: &str) -> Outcome {
         let channel = Channel::parse(name)
             .map_err(|e| Refusal::new(code::BAD_CHANNEL, format!("invalid channel: {e}")))?;
-        let Some(sub) = self.subs.remove(&channel) else {
+        let Some(Joined { sub, .. }) = self.subs.remove(&channel) else {
             return Err(Refusal::new(
                 code::NOT_SUBSCRIBED,
                 format!("not subscribed to {channel}"),
@@ -642,10 +668,17 @@ impl Session {
             ));
         }
         self.require(ns, Permission::Sub, &channel)?;
+        // The incarnation the client's seqs come from: its subscription's.
+        let epoch = self.subs.get(&channel).map(|j| Arc::clone(&j.epoch));
         self.node
             .engine
             .cursors
-            .ack(&self.identity.user, &self.device, &channel, seq)
+            .ack(
+                &self.identity.user,
+                &self.device,
+                &channel,
+                AckedSeq { seq, epoch },
+            )
             .await?;
         if !self.acked {
             self.acked = true;
@@ -761,7 +794,7 @@ impl Session {
     }
 
     async fn cleanup(&mut self) {
-        for (_, sub) in std::mem::take(&mut self.subs) {
+        for (_, Joined { sub, .. }) in std::mem::take(&mut self.subs) {
             self.leave(&sub).await;
         }
         tracing::debug!(conn = %self.conn_id, "disconnected");
@@ -770,7 +803,16 @@ impl Session {
 
 enum Resume {
     Position(Position),
+    /// A stored cursor without its epoch (acked on a channel the connection was not
+    /// subscribed to): taken to be in the current incarnation.
     Cursor(u64),
+}
+
+/// One of the connection's subscriptions, with the stream incarnation it follows
+/// (acks on the channel are recorded in it).
+struct Joined {
+    sub: Arc<Subscription>,
+    epoch: Arc<str>,
 }
 
 fn perm_name(p: Permission) -> &'static str {

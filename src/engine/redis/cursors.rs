@@ -1,5 +1,6 @@
-//! Acked cursors in Redis (DESIGN §4.5): `cursor:{user}:{device}` hashes of
-//! channel → seq, moved forward only by a script.
+//! Acked cursors in Redis: `cursor:{user}:{device}` hashes of channel → seq (and
+//! its stream epoch), moved forward only by a script; and the cursor store's
+//! generation, which tells a device without a cursor from one whose cursor Redis lost.
 //!
 //! Acks are coalesced in memory per user+device+channel (the highest wins) and
 //! written by one writer task once per `ack_flush_interval`, or at once when a
@@ -14,36 +15,74 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{eval, Store};
 use crate::channel::Channel;
-use crate::engine::{BoxFuture, Cursors, DeviceCursor, EngineError};
+use crate::engine::memory::unix_ms;
+use crate::engine::{AckedSeq, BoxFuture, CursorRead, Cursors, DeviceCursor, EngineError};
 
 type Device = (Arc<str>, Arc<str>);
 
-/// Acks not yet in Redis: per user+device, channel → seq.
+/// Acks not yet in Redis: per user+device, channel → position.
 #[derive(Default)]
 struct Pending {
-    by_device: HashMap<Device, HashMap<Channel, u64>>,
+    by_device: HashMap<Device, HashMap<Channel, AckedSeq>>,
     entries: usize,
 }
 
 impl Pending {
-    fn get(&self, user: &str, device: &str, channel: &Channel) -> Option<u64> {
+    fn get(&self, user: &str, device: &str, channel: &Channel) -> Option<AckedSeq> {
         self.by_device
             .get(&(Arc::from(user), Arc::from(device)))
             .and_then(|m| m.get(channel))
-            .copied()
+            .cloned()
     }
 
-    fn merge(&mut self, other: Pending) {
-        for (dev, channels) in other.by_device {
+    /// Puts a failed batch back under newer acks: what is pending now is newer.
+    fn merge_older(&mut self, older: Pending) {
+        for (dev, channels) in older.by_device {
             let mine = self.by_device.entry(dev).or_default();
-            for (channel, seq) in channels {
-                let cur = mine.entry(channel).or_insert_with(|| {
-                    self.entries += 1;
-                    0
-                });
-                *cur = (*cur).max(seq);
+            for (channel, at) in channels {
+                match mine.get_mut(&channel) {
+                    Some(newer) => {
+                        let mut merged = at;
+                        merged.advance(newer.clone());
+                        *newer = merged;
+                    }
+                    None => {
+                        mine.insert(channel, at);
+                        self.entries += 1;
+                    }
+                }
             }
         }
+    }
+}
+
+/// The cursor store's generation, as `GENERATION` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Generation {
+    id: String,
+    created_ms: u64,
+    /// Created because Redis had lost the previous one (and its cursors).
+    lost: bool,
+}
+
+impl Generation {
+    fn parse(v: &str) -> Option<Generation> {
+        let mut parts = v.split(' ');
+        let id = parts.next()?.to_string();
+        let created_ms = parts.next()?.parse().ok()?;
+        let lost = parts.next()? == "1";
+        Some(Generation {
+            id,
+            created_ms,
+            lost,
+        })
+    }
+}
+
+fn bulk(v: &redis::Value) -> Option<&str> {
+    match v {
+        redis::Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        _ => None,
     }
 }
 
@@ -53,6 +92,8 @@ pub struct RedisCursors {
     pending: Mutex<Pending>,
     /// The batch the writer is sending: still visible to `get` until it is stored.
     in_flight: Mutex<Pending>,
+    /// The generation id this node last saw.
+    generation: Mutex<Option<String>>,
     flush_now: mpsc::Sender<oneshot::Sender<Result<(), EngineError>>>,
 }
 
@@ -67,6 +108,7 @@ impl RedisCursors {
             store,
             pending: Mutex::default(),
             in_flight: Mutex::default(),
+            generation: Mutex::default(),
             flush_now: tx,
         });
         tokio::spawn(writer(Arc::downgrade(&cursors), rx, interval));
@@ -93,8 +135,10 @@ impl RedisCursors {
                 let cmd = eval(&mut pipe, &self.store.scripts.cursor, &[&key, &devices])
                     .arg(ttl)
                     .arg(&**device);
-                for (channel, seq) in channels {
-                    cmd.arg(channel.as_str()).arg(seq.to_string());
+                for (channel, at) in channels {
+                    cmd.arg(channel.as_str())
+                        .arg(at.seq.to_string())
+                        .arg(at.epoch.as_deref().unwrap_or(""));
                 }
             }
         }
@@ -103,15 +147,63 @@ impl RedisCursors {
         let mut pending = self.pending.lock();
         let batch = std::mem::take(&mut *self.in_flight.lock());
         if result.is_err() {
-            pending.merge(batch);
+            pending.merge_older(batch);
         }
         result.map(drop)
     }
 
-    fn buffered(&self, user: &str, device: &str, channel: &Channel) -> Option<u64> {
-        let a = self.pending.lock().get(user, device, channel);
-        let b = self.in_flight.lock().get(user, device, channel);
-        a.max(b)
+    fn buffered(&self, user: &str, device: &str, channel: &Channel) -> Option<AckedSeq> {
+        let pending = self.pending.lock().get(user, device, channel);
+        let in_flight = self.in_flight.lock().get(user, device, channel);
+        newest(in_flight, pending)
+    }
+
+    /// The generation behind `seen` (what a read found; `None` when the key is
+    /// missing). When it is not the one this node knew, Redis is asked to create
+    /// or mark it: one more round trip, only when the generation changed.
+    async fn generation(&self, seen: Option<&str>) -> Result<Generation, EngineError> {
+        let known = self.generation.lock().clone();
+        if let Some(g) = seen.and_then(Generation::parse) {
+            if known.as_deref() == Some(g.id.as_str()) {
+                return Ok(g);
+            }
+        }
+        let fresh = format!("{:x}{:04x}", unix_ms(), fastrand::u16(..));
+        let key = self.store.keys.cursor_generation();
+        let v = self
+            .store
+            .eval(
+                &self.store.scripts.generation,
+                &[&key],
+                &[
+                    fresh.as_bytes(),
+                    unix_ms().to_string().as_bytes(),
+                    known.as_deref().unwrap_or("").as_bytes(),
+                ],
+            )
+            .await?;
+        let g = bulk(&v)
+            .and_then(Generation::parse)
+            .ok_or_else(|| EngineError::Degraded("unreadable cursor generation".into()))?;
+        if known.as_deref().is_some_and(|k| k != g.id) {
+            tracing::warn!(
+                generation = %g.id,
+                "the cursor store lost its data (Redis restarted without persistence, failed over or evicted): resumes without a cursor answer recovered: false"
+            );
+        }
+        *self.generation.lock() = Some(g.id.clone());
+        Ok(g)
+    }
+}
+
+/// The newer of two positions of one cursor (`b` is the more recent ack).
+fn newest(a: Option<AckedSeq>, b: Option<AckedSeq>) -> Option<AckedSeq> {
+    match (a, b) {
+        (Some(mut a), Some(b)) => {
+            a.advance(b);
+            Some(a)
+        }
+        (a, b) => a.or(b),
     }
 }
 
@@ -120,6 +212,13 @@ async fn writer(
     mut flush_now: mpsc::Receiver<oneshot::Sender<Result<(), EngineError>>>,
     interval: std::time::Duration,
 ) {
+    // Learn the generation early, so a loss is noticed even before this node's
+    // first resume (Redis may be down: a read learns it later).
+    if let Some(c) = cursors.upgrade() {
+        if let Err(e) = c.generation(None).await {
+            tracing::debug!(error = %e, "cursor generation not read yet");
+        }
+    }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -155,7 +254,7 @@ impl Cursors for RedisCursors {
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-        seq: u64,
+        at: AckedSeq,
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         let result = {
             let mut pending = self.pending.lock();
@@ -167,14 +266,14 @@ impl Cursors for RedisCursors {
                 .or_default();
             match channels.get_mut(channel) {
                 Some(cur) => {
-                    *cur = (*cur).max(seq);
+                    cur.advance(at);
                     Ok(())
                 }
                 None if full => Err(EngineError::Degraded(
                     "ack buffer full while redis is unreachable; ack again later".into(),
                 )),
                 None => {
-                    channels.insert(channel.clone(), seq);
+                    channels.insert(channel.clone(), at);
                     pending.entries += 1;
                     Ok(())
                 }
@@ -188,22 +287,40 @@ impl Cursors for RedisCursors {
         user: &'a str,
         device: &'a str,
         channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<Option<u64>, EngineError>> {
+    ) -> BoxFuture<'a, Result<CursorRead, EngineError>> {
         Box::pin(async move {
             // Buffered first: an ack written meanwhile is then in Redis when it is read.
             let buffered = self.buffered(user, device, channel);
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            pipe.cmd("HGET")
+            pipe.cmd("GET").arg(self.store.keys.cursor_generation());
+            pipe.cmd("HMGET")
                 .arg(self.store.keys.cursor(user, device))
-                .arg(channel.as_str());
-            let stored = match self.store.exec(&pipe).await?.pop() {
-                Some(redis::Value::BulkString(b)) => std::str::from_utf8(&b)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok()),
+                .arg(channel.as_str())
+                .arg(format!("{channel} epoch"));
+            let mut replies = self.store.exec(&pipe).await?.into_iter();
+            let generation = replies.next();
+            let stored = match replies.next() {
+                Some(redis::Value::Array(fields)) => {
+                    let seq = fields.first().and_then(bulk).and_then(|s| s.parse().ok());
+                    seq.map(|seq| AckedSeq {
+                        seq,
+                        epoch: fields.get(1).and_then(bulk).map(Arc::from),
+                    })
+                }
                 _ => None,
             };
-            Ok(stored.max(buffered))
+            let generation = self.generation(generation.as_ref().and_then(bulk)).await?;
+            Ok(match newest(stored, buffered) {
+                Some(at) => CursorRead::Found(at),
+                None if generation.lost
+                    && unix_ms().saturating_sub(generation.created_ms)
+                        < self.store.cfg.cursor_ttl.as_millis() as u64 =>
+                {
+                    CursorRead::Lost
+                }
+                None => CursorRead::Absent,
+            })
         })
     }
 
@@ -229,12 +346,20 @@ impl Cursors for RedisCursors {
             };
             let mut list = Vec::new();
             for (device, v) in devices.iter().zip(replies) {
-                let map: HashMap<String, u64> = redis::from_redis_value(v).unwrap_or_default();
-                for (channel, seq) in map {
+                let map: HashMap<String, String> = redis::from_redis_value(v).unwrap_or_default();
+                for (channel, seq) in &map {
+                    // `<channel> epoch` fields belong to their channel's entry.
+                    let Ok(seq) = seq.parse::<u64>() else {
+                        continue;
+                    };
+                    if channel.contains(' ') {
+                        continue;
+                    }
                     list.push(DeviceCursor {
                         device: device.clone(),
-                        channel,
+                        channel: channel.clone(),
                         seq,
+                        epoch: map.get(&format!("{channel} epoch")).cloned(),
                     });
                 }
             }
@@ -244,16 +369,28 @@ impl Cursors for RedisCursors {
                     if &**u != user {
                         continue;
                     }
-                    for (channel, seq) in channels {
-                        match list
+                    for (channel, at) in channels {
+                        let entry = list
                             .iter_mut()
-                            .find(|c| *c.device == **device && c.channel == channel.as_str())
-                        {
-                            Some(c) => c.seq = c.seq.max(*seq),
+                            .find(|c| *c.device == **device && c.channel == channel.as_str());
+                        let stored = entry.as_ref().map(|c| AckedSeq {
+                            seq: c.seq,
+                            epoch: c.epoch.as_deref().map(Arc::from),
+                        });
+                        let Some(at) = newest(stored, Some(at.clone())) else {
+                            continue;
+                        };
+                        let epoch = at.epoch.as_deref().map(str::to_string);
+                        match entry {
+                            Some(c) => {
+                                c.seq = at.seq;
+                                c.epoch = epoch;
+                            }
                             None => list.push(DeviceCursor {
                                 device: device.to_string(),
                                 channel: channel.to_string(),
-                                seq: *seq,
+                                seq: at.seq,
+                                epoch,
                             }),
                         }
                     }

@@ -116,9 +116,14 @@ impl Keys {
         }
     }
 
-    /// `cursor:{user}:{device}`: channel → highest acked seq.
+    /// `cursor:{user}:{device}`: channel → highest acked seq, `<channel> epoch` → its epoch.
     pub fn cursor(&self, user: &str, device: &str) -> String {
         format!("{}cursor:{}:{}", self.prefix, escape(user), escape(device))
+    }
+
+    /// `cursor-generation`: the cursor store's generation (detects lost data).
+    pub fn cursor_generation(&self) -> String {
+        format!("{}cursor-generation", self.prefix)
     }
 
     /// `cursor-devices:{user}`: the devices that have cursors.
@@ -218,21 +223,53 @@ return out
 "#;
 
 /// Moves cursors forward only. KEYS: cursor hash, devices set. ARGV: ttl ms,
-/// device, then channel/seq pairs. Seqs compare as decimal strings, so every u64
-/// is exact (Lua numbers are doubles).
+/// device, then channel/seq/epoch triples (epoch `""` when unknown). Seqs compare
+/// as decimal strings, so every u64 is exact (Lua numbers are doubles). A seq of
+/// another stream incarnation than the stored one replaces it (seqs restart).
+/// The epoch is kept in the field `<channel> epoch` (no channel has a space).
 const CURSOR: &str = r#"
 local function greater(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-for i = 3, #ARGV, 2 do
-  local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  if not cur or greater(ARGV[i + 1], cur) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3, #ARGV, 3 do
+  local ch, seq, ep = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local efield = ch .. ' epoch'
+  local cur = redis.call('HGET', KEYS[1], ch)
+  local cur_ep = redis.call('HGET', KEYS[1], efield)
+  if ep ~= '' and cur_ep and cur_ep ~= ep then
+    redis.call('HSET', KEYS[1], ch, seq, efield, ep)
+  elseif not cur or greater(seq, cur) then
+    redis.call('HSET', KEYS[1], ch, seq)
+    if ep ~= '' then redis.call('HSET', KEYS[1], efield, ep) end
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
+"#;
+
+/// The cursor store's generation: `"<id> <created_ms> <lost>"`. KEYS: the
+/// generation key. ARGV: a new id, now (ms), the id this node knew (`""` if none).
+/// Creates the generation when it is missing (lost = 1 when the node knew one,
+/// i.e. Redis lost its data), and marks a generation lost when a node that knew
+/// another one meets it. Returns the generation.
+const GENERATION: &str = r#"
+local g = redis.call('GET', KEYS[1])
+if not g then
+  local lost = '0'
+  if ARGV[3] ~= '' then lost = '1' end
+  g = ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. lost
+  redis.call('SET', KEYS[1], g)
+  return g
+end
+local id = string.match(g, '^(%S+)')
+if ARGV[3] ~= '' and id ~= ARGV[3] and string.sub(g, -1) == '0' then
+  g = string.sub(g, 1, -2) .. '1'
+  redis.call('SET', KEYS[1], g)
+end
+return g
 "#;
 
 /// The Lua scripts, loaded once per connection and called by SHA.
@@ -243,6 +280,7 @@ pub struct Scripts {
     stats: redis::Script,
     all: redis::Script,
     cursor: redis::Script,
+    generation: redis::Script,
     /// The sources, for `SCRIPT LOAD` after Redis lost them.
     sources: Vec<String>,
 }
@@ -256,6 +294,7 @@ impl Scripts {
             format!("{FORGET}\n{STATS}"),
             format!("{FORGET}\n{ALL}"),
             CURSOR.to_string(),
+            GENERATION.to_string(),
         ];
         let s = |i: usize| redis::Script::new(&sources[i]);
         Scripts {
@@ -265,6 +304,7 @@ impl Scripts {
             stats: s(3),
             all: s(4),
             cursor: s(5),
+            generation: s(6),
             sources,
         }
     }
