@@ -8,19 +8,6 @@ use common::*;
 use serde_json::json;
 use switchyard::auth::Claims;
 
-fn claims(user: &str, exp: u64) -> Claims {
-    Claims {
-        sub: user.into(),
-        exp,
-        nbf: None,
-        iat: None,
-        jti: None,
-        iss: None,
-        aud: None,
-        caps: vec![],
-    }
-}
-
 async fn refused(addr: std::net::SocketAddr, token: Option<&str>) -> Refused {
     let header;
     let headers: Vec<(&str, &str)> = match token {

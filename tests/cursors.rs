@@ -11,19 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-const CAPS: &[&str] = &["chat.>=sub+pub+history+presence"];
-
-async fn connect_device(addr: std::net::SocketAddr, user: &str, device: &str) -> Client {
-    let t = token(user, CAPS, Duration::from_secs(600));
-    try_connect_with(
-        addr,
-        &format!("?device={device}"),
-        &[("authorization", &format!("Bearer {t}"))],
-    )
-    .await
-    .expect("connection accepted")
-}
-
 /// Closes from the client side and waits for the server's close frame: the
 /// closing handshake is complete when this returns.
 async fn close_cleanly(mut c: Client) {
@@ -63,7 +50,7 @@ async fn a_clean_close_makes_every_ack_visible_to_the_next_resume() {
         let stop = Arc::clone(&stop);
         let addr = nodes[1];
         tokio::spawn(async move {
-            let mut p = connect_as(addr, "sender", CAPS).await;
+            let mut p = connect_as(addr, "sender", CHAT_CAPS).await;
             let mut seqs = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 seqs.push(p.publish(ch, json!({"n": seqs.len()})).await);
@@ -131,7 +118,7 @@ async fn a_drained_connection_acks_before_its_close() {
     let ch = "chat.room.drain";
     let mut c = connect_device(a.addr, "u", "tablet").await;
     c.subscribe(ch).await;
-    let mut p = connect_as(b.addr, "sender", CAPS).await;
+    let mut p = connect_as(b.addr, "sender", CHAT_CAPS).await;
     let mut published = Vec::new();
     for i in 0..5 {
         published.push(p.publish(ch, json!(i)).await);
@@ -167,7 +154,7 @@ async fn a_cursor_lost_with_redis_is_not_reported_recovered() {
     let mut c = connect_device(a.addr, "u", "laptop").await;
     let r = c.subscribe(ch).await;
     assert_eq!(r["stored_cursor"], false, "a new device: {r}");
-    let mut p = connect_as(b.addr, "sender", CAPS).await;
+    let mut p = connect_as(b.addr, "sender", CHAT_CAPS).await;
     let first = p.publish(ch, json!("before")).await;
     assert_eq!(c.recv_type("msg").await["seq"], first);
     c.send(json!({"type": "ack", "channel": ch, "seq": first}))
@@ -239,7 +226,7 @@ async fn a_cursor_of_another_stream_incarnation_is_not_recovered() {
     let ch = "chat.room.epoch";
     let mut c = connect_device(a.addr, "u", "watch").await;
     c.subscribe(ch).await;
-    let mut p = connect_as(a.addr, "sender", CAPS).await;
+    let mut p = connect_as(a.addr, "sender", CHAT_CAPS).await;
     let mut last = 0;
     for i in 0..5 {
         last = p.publish(ch, json!(i)).await;

@@ -145,17 +145,7 @@ async fn control_characters_in_identifiers_are_refused_and_nothing_breaks() {
 
         // A token whose `sub` has a CR or LF is refused before the upgrade.
         for sub in ["eve\r\nSy-From: admin", "eve\n", "", "e v e"] {
-            let claims = switchyard::auth::Claims {
-                sub: sub.into(),
-                exp: now() + 60,
-                nbf: None,
-                iat: None,
-                jti: None,
-                iss: None,
-                aud: None,
-                caps: vec![],
-            };
-            let t = sign(&claims, SECRET);
+            let t = sign(&claims(sub, now() + 60), SECRET);
             let refused =
                 try_connect_with(gw.addr, "", &[("authorization", &format!("Bearer {t}"))])
                     .await
@@ -223,15 +213,7 @@ async fn deeply_nested_data_is_refused_with_118() {
             "depth {depth}"
         );
         let body = format!(r#"{{"channel":"open.deep","data":{}}}"#, nested(depth));
-        let auth = format!("apikey {API_KEY}");
-        let (s, b) = http(
-            gw.addr,
-            "POST",
-            "/api/v1/publish",
-            &[("authorization", &auth)],
-            Some(&body),
-        )
-        .await;
+        let (s, b) = api_raw(gw.addr, "POST", "/api/v1/publish", Some(&body)).await;
         assert_eq!((s, &b["code"]), (400, &json!(118)), "API depth {depth}");
     }
     // 64 levels (the default `max_data_depth`) pass, and brackets in strings do not count.

@@ -13,8 +13,6 @@ use switchyard::auth::Claims;
 use switchyard::channel::Channel;
 use switchyard::engine::ClientInfo;
 
-const CHAT_CAPS: &[&str] = &["chat.>=sub+pub+history+presence"];
-
 fn members(reply: &Value) -> Vec<(String, String)> {
     let mut m: Vec<(String, String)> = reply["clients"]
         .as_array()
@@ -254,17 +252,6 @@ async fn cursors_of(addr: std::net::SocketAddr, user: &str) -> Vec<(String, Stri
             )
         })
         .collect()
-}
-
-async fn connect_device(addr: std::net::SocketAddr, user: &str, device: &str) -> Client {
-    let t = token(user, CHAT_CAPS, Duration::from_secs(600));
-    try_connect_with(
-        addr,
-        &format!("?device={device}"),
-        &[("authorization", &format!("Bearer {t}"))],
-    )
-    .await
-    .expect("connection accepted")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,6 +132,35 @@ pub fn now() -> u64 {
     auth::unix_now()
 }
 
+/// Claims for `user` expiring at `exp`, nothing else set.
+pub fn claims(user: &str, exp: u64) -> Claims {
+    Claims {
+        sub: user.into(),
+        exp,
+        nbf: None,
+        iat: None,
+        jti: None,
+        iss: None,
+        aud: None,
+        caps: vec![],
+    }
+}
+
+/// Capabilities of a chat user.
+pub const CHAT_CAPS: &[&str] = &["chat.>=sub+pub+history+presence"];
+
+/// Connects as `user` on `device`, with [`CHAT_CAPS`].
+pub async fn connect_device(addr: SocketAddr, user: &str, device: &str) -> Client {
+    let t = token(user, CHAT_CAPS, Duration::from_secs(600));
+    try_connect_with(
+        addr,
+        &format!("?device={device}"),
+        &[("authorization", &format!("Bearer {t}"))],
+    )
+    .await
+    .expect("connection accepted")
+}
+
 /// A connected WebSocket client.
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -872,16 +901,19 @@ pub fn redis_config(nats: &NatsServer, redis: &RedisServer, node: &str) -> Confi
 
 /// Calls the server API with the key; returns status and body.
 pub async fn api(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("apikey {API_KEY}");
     let body = body.map(|b| b.to_string());
-    http(
-        addr,
-        method,
-        path,
-        &[("authorization", &auth)],
-        body.as_deref(),
-    )
-    .await
+    api_raw(addr, method, path, body.as_deref()).await
+}
+
+/// Calls the server API with the key and a body as given (not necessarily JSON).
+pub async fn api_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let auth = format!("apikey {API_KEY}");
+    http(addr, method, path, &[("authorization", &auth)], body).await
 }
 
 /// Polls `check` until it returns `Some`, failing after `within`. For state that
