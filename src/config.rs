@@ -196,6 +196,9 @@ pub enum EngineKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
+    /// The servers of one NATS cluster: a list, or one string with commas
+    /// (`nats://a:4222,nats://b:4222`), kept as that comma form.
+    #[serde(deserialize_with = "server_list")]
     pub url: String,
     /// Create or update the streams at start; when false, only check they exist.
     pub provision: bool,
@@ -556,6 +559,11 @@ impl Config {
             return err("auth.hmac_secret", "must be at least 16 bytes long");
         }
         let n = &self.nats;
+        if self.engine.kind == EngineKind::Nats {
+            if let Err(why) = n.servers() {
+                return err("nats.url", &why);
+            }
+        }
         if n.user.is_some() != n.password.is_some() {
             return err("nats.user", "user and password go together");
         }
@@ -680,6 +688,42 @@ impl Config {
 }
 
 /// Durations as human strings ("25s", "1h 30m") or integer milliseconds.
+impl NatsConfig {
+    /// The servers `url` names, checked: for the initial connect and reconnects.
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        let servers: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err("names no server".into());
+        }
+        servers
+            .into_iter()
+            .map(|s| {
+                s.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| format!("{s:?} is not a NATS server address: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// `nats.url` as one string (commas allowed) or a list of strings.
+fn server_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => s,
+        Raw::Many(list) => list.join(","),
+    })
+}
+
 mod duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -742,6 +786,22 @@ mod tests {
         assert_eq!(c.feed.stale_after, d.feed.stale_after);
         // `make run` shows live prices: the shipped file turns the demo feed on.
         assert!(c.feed.embedded && c.feed.synthetic.enabled);
+    }
+
+    #[test]
+    fn nats_url_takes_a_list_or_commas() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let file = "[auth]\nhmac_secret = \"0123456789abcdef\"\n[namespaces.chat]\n\
+                    [engine]\nkind = \"nats\"\n[nats]\nurl = [\"nats://a:4222\", \"nats://b:4223\"]\n";
+        std::fs::write(&path, file).unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.nats.servers().unwrap().len(), 2);
+        let mut c = c;
+        c.nats.url = "nats://a:4222, tls://b:4223".into();
+        assert_eq!(c.nats.servers().unwrap().len(), 2);
+        c.nats.url = " , ".into();
+        assert!(c.validate().unwrap_err().0.contains("nats.url"));
     }
 
     #[test]

@@ -414,6 +414,34 @@ async fn unreachable_nats_fails_at_start_naming_the_key() {
     assert!(err.0.contains("nats.url"), "{}", err.0);
 }
 
+/// `nats.url` names a cluster: several servers, in the comma form or as a list;
+/// a node connects while the first one listed is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_nats_servers_and_the_first_is_down() {
+    let nats = NatsServer::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = cluster_config(&nats, "a");
+    cfg.nats.url = format!("nats://127.0.0.1:{dead}, {}", nats.url);
+    let a = start(cfg).await;
+    let mut c = connect_as(a.addr, "u", &[]).await;
+    c.subscribe("open.multi").await;
+    let seq = c.publish("open.multi", json!(1)).await;
+    assert_eq!(c.recv_type("msg").await["seq"], seq);
+    // A malformed entry is refused at start, naming the key and the entry.
+    let mut cfg = cluster_config(&nats, "b");
+    cfg.nats.url = format!("{},nats://[broken", nats.url);
+    let err = cfg.validate().expect_err("refused");
+    assert!(
+        err.0.contains("nats.url") && err.0.contains("broken"),
+        "{}",
+        err.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_authentication() {
     let nats = NatsServer::start_with("authorization { token: \"s3cret-token\" }");

@@ -168,7 +168,10 @@ impl NatsBroker {
                 }
                 std::future::ready(())
             })
-            .connect(cfg.url.as_str())
+            .connect(
+                cfg.servers()
+                    .map_err(|why| ConfigError(format!("`nats.url`: {why}")))?,
+            )
             .await
             .map_err(|e| ConfigError(format!("`nats.url`: cannot connect to {}: {e}", cfg.url)))?;
         let js = jetstream::new(client.clone());
