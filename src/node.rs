@@ -178,7 +178,7 @@ impl Node {
 
     /// Ready for traffic: not draining, and the engine's backbone is reachable.
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_draining() && self.engine.broker.is_ready()
+        !self.shutdown.is_draining() && self.engine.broker.backbone().is_ready()
     }
 
     /// Resolves once at most `n` client connections are open.

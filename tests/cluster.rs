@@ -362,32 +362,37 @@ async fn provision_false_checks_and_names_the_missing_stream() {
     let nats = NatsServer::start();
     let mut cfg = cluster_config(&nats, "a");
     cfg.nats.provision = false;
-    let err = switchyard::server::start(cfg)
-        .await
-        .err()
-        .expect("refused to start");
-    assert!(
-        err.0.contains("SY_") && err.0.contains("missing"),
-        "{}",
-        err.0
-    );
+    let a = switchyard::server::start(cfg).await.unwrap();
+    let body = eventually(WAIT, "the missing streams are named", || async {
+        let (_, body) = http(a.addr, "GET", "/readyz", &[], None).await;
+        let why = body["unavailable_namespaces"]["open"]
+            .as_str()
+            .unwrap_or("");
+        why.contains("missing").then_some(body)
+    })
+    .await;
+    let why = body["unavailable_namespaces"]["open"].as_str().unwrap();
+    assert!(why.contains("SY_OPEN") && why.contains("missing"), "{body}");
 
-    // Once the streams exist (provisioned by another node), it starts.
+    // Once the streams exist (provisioned by another node), it serves them.
     let _provisioner = start(cluster_config(&nats, "p")).await;
-    let mut cfg = cluster_config(&nats, "a");
-    cfg.nats.provision = false;
-    start(cfg).await;
+    eventually(WAIT, "every stream found", || async {
+        let (s, body) = http(a.addr, "GET", "/readyz", &[], None).await;
+        (s == 200 && body.get("unavailable_namespaces").is_none()).then_some(())
+    })
+    .await;
+    let mut c = connect_as(a.addr, "u", &[]).await;
+    c.publish("open.found", json!(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_starting_at_once_provision_idempotently() {
     let nats = NatsServer::start();
     let (a, b, c) = tokio::join!(
-        switchyard::server::start(cluster_config(&nats, "a")),
-        switchyard::server::start(cluster_config(&nats, "b")),
-        switchyard::server::start(cluster_config(&nats, "c")),
+        start(cluster_config(&nats, "a")),
+        start(cluster_config(&nats, "b")),
+        start(cluster_config(&nats, "c")),
     );
-    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     let mut on_c = connect_as(c.addr, "r", &[]).await;
     on_c.subscribe("open.boot").await;
     let mut on_a = connect_as(a.addr, "w", &[]).await;
@@ -396,22 +401,91 @@ async fn nodes_starting_at_once_provision_idempotently() {
     drop(b);
 }
 
-#[tokio::test]
-async fn unreachable_nats_fails_at_start_naming_the_key() {
-    let mut cfg = config();
-    cfg.engine.kind = switchyard::config::EngineKind::Nats;
-    // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    cfg.nats.url = format!("nats://127.0.0.1:{port}");
-    let err = switchyard::server::start(cfg)
+/// A node starts while NATS is down (as gateway pods beside NATS pods do): not
+/// ready, with the reason, upgrades refused with 503; ready once NATS is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_nats_is_down_becomes_ready_when_it_comes_up() {
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let gw = switchyard::server::start(cluster_config(&nats, "early"))
+        .await
+        .expect("starts without NATS");
+    let (s, body) = http(gw.addr, "GET", "/readyz", &[], None).await;
+    assert_eq!(
+        (s, &body["status"]),
+        (503, &json!("backbone unreachable")),
+        "{body}"
+    );
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("not connected") && reasons.contains(&nats.url),
+        "{body}"
+    );
+    let t = token("u", &[], std::time::Duration::from_secs(60));
+    let refused = try_connect_with(gw.addr, "", &[("authorization", &format!("Bearer {t}"))])
         .await
         .err()
-        .expect("refused to start");
-    assert!(err.0.contains("nats.url"), "{}", err.0);
+        .expect("upgrades are refused while not ready");
+    assert_eq!((refused.status, &refused.body["code"]), (503, &json!(503)));
+    assert!(refused.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("not ready"));
+
+    nats.restart();
+    let up = std::time::Instant::now();
+    eventually(WAIT, "ready once NATS is up", || async {
+        (http(gw.addr, "GET", "/readyz", &[], None).await.0 == 200).then_some(())
+    })
+    .await;
+    eprintln!(
+        "ready {} ms after nats-server was",
+        up.elapsed().as_millis()
+    );
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+    c.subscribe("open.late").await;
+    let seq = c.publish("open.late", json!(1)).await;
+    assert_eq!(c.recv_type("msg").await["seq"], seq);
+}
+
+/// A stream that cannot be had (three replicas on a single server) leaves the
+/// other namespaces, and readiness, alone; `/readyz` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_cannot_be_provisioned_does_not_block_the_others() {
+    let nats = NatsServer::start();
+    let mut cfg = cluster_config(&nats, "a");
+    if let Some(trim) = cfg.namespaces.get_mut("trim") {
+        trim.stream_replicas = 3;
+    }
+    let gw = switchyard::server::start(cfg).await.unwrap();
+    let body = eventually(WAIT, "ready, with the trim namespace named", || async {
+        let (s, body) = http(gw.addr, "GET", "/readyz", &[], None).await;
+        (s == 200 && body["unavailable_namespaces"]["trim"].is_string()).then_some(body)
+    })
+    .await;
+    assert!(
+        body["unavailable_namespaces"]["trim"]
+            .as_str()
+            .unwrap()
+            .contains("SY_TRIM"),
+        "{body}"
+    );
+    assert!(
+        body["unavailable_namespaces"].get("open").is_none(),
+        "{body}"
+    );
+    let mut c = connect_as(gw.addr, "u", &[]).await;
+    let seq = c.publish("open.fine", json!(1)).await;
+    assert!(seq > 0);
+    let (r, _) = c
+        .request(json!({"type": "publish", "channel": "trim.x", "data": 1}))
+        .await;
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!(113)),
+        "{r}"
+    );
+    assert!(r["reason"].as_str().unwrap().contains("SY_TRIM"), "{r}");
 }
 
 /// `nats.url` names a cluster: several servers, in the comma form or as a list;
@@ -445,11 +519,16 @@ async fn several_nats_servers_and_the_first_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_authentication() {
     let nats = NatsServer::start_with("authorization { token: \"s3cret-token\" }");
-    let err = switchyard::server::start(cluster_config(&nats, "anon"))
+    // Without the token the node starts, and is not ready for the reason NATS gave.
+    let anon = switchyard::server::start(cluster_config(&nats, "anon"))
         .await
-        .err()
-        .expect("refused without the token");
-    assert!(err.0.contains("nats.url"), "{}", err.0);
+        .unwrap();
+    let body = eventually(WAIT, "the authorization error is reported", || async {
+        let (s, body) = http(anon.addr, "GET", "/readyz", &[], None).await;
+        (s == 503 && body["reasons"].to_string().contains("authorization")).then_some(body)
+    })
+    .await;
+    assert_eq!(body["status"], "backbone unreachable");
 
     let mut cfg = cluster_config(&nats, "a");
     cfg.nats.token = Some("s3cret-token".into());

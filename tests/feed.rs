@@ -387,3 +387,57 @@ async fn latest_price_comes_first_is_served_by_the_api_and_survives_a_restart() 
             >= Some(seq(&next))
     );
 }
+
+/// A tick published while NATS is down is retried with its `msg_id` and lands
+/// once NATS is back, exactly once (a 113 means "outcome unknown": retry the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_is_retried_with_its_msg_id_until_the_broker_is_back() {
+    use std::sync::Arc;
+    use switchyard::feed::{cache::MemoryPrices, Tick, TickSink};
+    let mut nats = NatsServer::start();
+    let reader = start(cluster_config(&nats, "reader")).await;
+    nats.stop();
+    let broker = switchyard::engine::nats::NatsBroker::connect(
+        &cluster_config(&nats, "feed"),
+        switchyard::hub::Hub::new(),
+    )
+    .await
+    .unwrap();
+    let sink = TickSink::new(
+        broker,
+        Arc::new(MemoryPrices::default()),
+        "feedtest",
+        Duration::from_secs(20),
+    );
+    let tick = Tick {
+        symbol: "RETRY-USDT".into(),
+        price: "1.5".into(),
+        size: "1".into(),
+        best_bid: "1.4".into(),
+        best_ask: "1.6".into(),
+        time: now() * 1000,
+        sequence: "77".into(),
+        source: "test".into(),
+    };
+    let publishing = tokio::spawn(async move {
+        let outcome = sink.publish_retrying(&tick).await;
+        (outcome, sink, tick)
+    });
+    // Without the retry this fails at once: the broker is not connected.
+    nats.restart();
+    let (outcome, sink, tick) = tokio::time::timeout(WAIT, publishing)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // Once more with the same msg_id: deduplicated, not a second publication.
+    sink.publish_retrying(&tick).await.unwrap();
+    let (s, h) = api(
+        reader.addr,
+        "GET",
+        "/api/v1/history/feedtest.RETRY-USDT",
+        None,
+    )
+    .await;
+    assert_eq!((s, publication_seqs(&h).len()), (200, 1), "{h}");
+}

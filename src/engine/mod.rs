@@ -182,9 +182,25 @@ pub trait Broker: Send + Sync {
     fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>>;
     /// Releases one successful `watch`.
     fn unwatch(&self, channel: &Channel);
-    /// Whether the backbone is reachable (readiness).
-    fn is_ready(&self) -> bool {
-        true
+    /// The backbone's state, for readiness.
+    fn backbone(&self) -> BackboneState {
+        BackboneState::default()
+    }
+}
+
+/// The broker's backbone as `/readyz` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BackboneState {
+    /// Why the node cannot take traffic now; empty when it can.
+    pub blocking: Vec<String>,
+    /// Namespaces whose stream is not available (their requests answer 113), and why.
+    pub namespaces: std::collections::BTreeMap<String, String>,
+}
+
+impl BackboneState {
+    /// Whether the node can take traffic (some namespaces may still be unavailable).
+    pub fn is_ready(&self) -> bool {
+        self.blocking.is_empty()
     }
 }
 

@@ -1,4 +1,4 @@
-//! The cluster broker on NATS JetStream (DESIGN §5): one stream per namespace
+//! The cluster broker on NATS JetStream (docs/architecture.md): one stream per namespace
 //! stores and orders publications, republishes them to a live subject, and every
 //! node subscribes to the live subjects its local clients need.
 //!
@@ -8,7 +8,8 @@
 //! delivered, so a node's hub always sees a channel complete and in order.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -21,8 +22,8 @@ use tokio::sync::watch;
 
 use super::memory::unix_ms;
 use super::{
-    BoxFuture, Broker, EngineError, HistoryFrom, HistoryPage, LiveSink, Position, Publication,
-    PublishRequest, Published,
+    BackboneState, BoxFuture, Broker, EngineError, HistoryFrom, HistoryPage, LiveSink, Position,
+    Publication, PublishRequest, Published,
 };
 use crate::channel::Channel;
 use crate::config::{Config, ConfigError, NatsConfig, StreamStorage};
@@ -32,9 +33,24 @@ const TS_HEADER: &str = "Sy-Ts";
 /// Header with the publishing user.
 const FROM_HEADER: &str = "Sy-From";
 
+/// A namespace's stream: looked up (or provisioned) in the background, so a node
+/// starts whatever the state of NATS, and one stream that cannot be had does not
+/// hold up the others.
 struct NamespaceStream {
     name: String,
-    stream: stream::Stream,
+    config: stream::Config,
+    stream: OnceLock<stream::Stream>,
+    /// Why the stream is not available yet; `None` once it is.
+    problem: Mutex<Option<String>>,
+}
+
+impl NamespaceStream {
+    fn stream(&self) -> Result<&stream::Stream, EngineError> {
+        self.stream.get().ok_or_else(|| {
+            let why = self.problem.lock().clone().unwrap_or_default();
+            EngineError::Unavailable(format!("stream {} is not available: {why}", self.name))
+        })
+    }
 }
 
 /// Names one incarnation of a stream: a recreated stream gets a new epoch.
@@ -58,6 +74,10 @@ pub struct NatsBroker {
     namespaces: HashMap<String, NamespaceStream>,
     live: Mutex<HashMap<Channel, Live>>,
     sink: Arc<dyn LiveSink>,
+    /// Every stream was looked up at least once since start.
+    checked: AtomicBool,
+    /// The last connection error NATS reported (authorization, TLS, …).
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -146,82 +166,82 @@ async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions,
 }
 
 impl NatsBroker {
-    /// Connects and provisions (or checks) one stream per configured namespace.
+    /// Starts connecting and provisioning (or checking) one stream per namespace,
+    /// in the background: the node starts, and `/readyz` says what it waits for.
     pub async fn connect(
         config: &Config,
         sink: Arc<dyn LiveSink>,
     ) -> Result<Arc<NatsBroker>, ConfigError> {
         let cfg = config.nats.clone();
+        let servers = cfg
+            .servers()
+            .map_err(|why| ConfigError(format!("`nats.url`: {why}")))?;
         // Every reconnection bumps this counter; live tasks then repair what they missed.
         let (reconnects, _) = watch::channel(0u64);
         let on_event = reconnects.clone();
+        let last_error = Arc::new(Mutex::new(None));
+        let errors = Arc::clone(&last_error);
         let client = connect_options(&cfg)
             .await?
             .name(&config.server.node_id)
             .request_timeout(Some(cfg.request_timeout))
+            .retry_on_initial_connect()
+            // Short: a node should be ready within a second of NATS coming up.
             .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((attempt as u64 * 100).min(2000))
+                Duration::from_millis((attempt as u64 * 100).min(500))
             })
             .event_callback(move |event| {
-                if matches!(event, async_nats::Event::Connected) {
-                    on_event.send_modify(|n| *n += 1);
+                match &event {
+                    async_nats::Event::Connected => {
+                        *errors.lock() = None;
+                        on_event.send_modify(|n| *n += 1);
+                    }
+                    async_nats::Event::ServerError(e) => *errors.lock() = Some(e.to_string()),
+                    async_nats::Event::ClientError(e) => *errors.lock() = Some(e.to_string()),
+                    _ => {}
                 }
                 std::future::ready(())
             })
-            .connect(
-                cfg.servers()
-                    .map_err(|why| ConfigError(format!("`nats.url`: {why}")))?,
-            )
+            .connect(servers)
             .await
             .map_err(|e| ConfigError(format!("`nats.url`: cannot connect to {}: {e}", cfg.url)))?;
         let js = jetstream::new(client.clone());
-        let mut namespaces = HashMap::new();
-        for (name, ns) in &config.namespaces {
-            let stream_name = format!("{}{}", cfg.stream_prefix, name.to_uppercase());
-            let subjects = format!("{}.{name}.>", cfg.subject_prefix);
-            let stream_cfg = stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![subjects.clone()],
-                max_messages_per_subject: ns.history_size as i64,
-                max_age: ns.history_ttl,
-                // JetStream refuses a dedupe window longer than the retention.
-                duplicate_window: ns.dedupe_window.min(ns.history_ttl),
-                allow_direct: true,
-                storage: match ns.stream_storage {
-                    StreamStorage::File => stream::StorageType::File,
-                    StreamStorage::Memory => stream::StorageType::Memory,
-                },
-                num_replicas: ns.stream_replicas,
-                republish: Some(stream::Republish {
-                    source: subjects,
-                    destination: format!("{}.{name}.>", cfg.live_prefix),
-                    headers_only: false,
-                }),
-                ..Default::default()
-            };
-            if cfg.provision {
-                // Identical configs make concurrent creates from many nodes idempotent.
-                js.create_or_update_stream(stream_cfg).await.map_err(|e| {
-                    ConfigError(format!(
-                        "namespace {name}: cannot provision stream {stream_name}: {e}"
-                    ))
-                })?;
-            }
-            let stream = js.get_stream(&stream_name).await.map_err(|e| {
-                ConfigError(format!(
-                    "namespace {name}: stream {stream_name} is missing or unreadable (nats.provision = {}): {e}",
-                    cfg.provision
-                ))
-            })?;
-            namespaces.insert(
-                name.clone(),
-                NamespaceStream {
+        let namespaces = config
+            .namespaces
+            .iter()
+            .map(|(name, ns)| {
+                let stream_name = format!("{}{}", cfg.stream_prefix, name.to_uppercase());
+                let subjects = format!("{}.{name}.>", cfg.subject_prefix);
+                let config = stream::Config {
+                    name: stream_name.clone(),
+                    subjects: vec![subjects.clone()],
+                    max_messages_per_subject: ns.history_size as i64,
+                    max_age: ns.history_ttl,
+                    // JetStream refuses a dedupe window longer than the retention.
+                    duplicate_window: ns.dedupe_window.min(ns.history_ttl),
+                    allow_direct: true,
+                    storage: match ns.stream_storage {
+                        StreamStorage::File => stream::StorageType::File,
+                        StreamStorage::Memory => stream::StorageType::Memory,
+                    },
+                    num_replicas: ns.stream_replicas,
+                    republish: Some(stream::Republish {
+                        source: subjects,
+                        destination: format!("{}.{name}.>", cfg.live_prefix),
+                        headers_only: false,
+                    }),
+                    ..Default::default()
+                };
+                let slot = NamespaceStream {
                     name: stream_name,
-                    stream,
-                },
-            );
-        }
-        Ok(Arc::new(NatsBroker {
+                    config,
+                    stream: OnceLock::new(),
+                    problem: Mutex::new(Some("not looked up yet".into())),
+                };
+                (name.clone(), slot)
+            })
+            .collect();
+        let broker = Arc::new(NatsBroker {
             client,
             js,
             reconnects,
@@ -229,7 +249,33 @@ impl NatsBroker {
             namespaces,
             live: Mutex::new(HashMap::new()),
             sink,
-        }))
+            checked: AtomicBool::new(false),
+            last_error,
+        });
+        tokio::spawn(provision(Arc::downgrade(&broker)));
+        Ok(broker)
+    }
+
+    /// Creates or updates (or, with `provision = false`, only finds) one stream.
+    async fn ensure(&self, ns: &NamespaceStream) -> Result<stream::Stream, String> {
+        let attempt = async {
+            if self.cfg.provision {
+                // Identical configs make concurrent creates from many nodes idempotent.
+                self.js
+                    .create_or_update_stream(ns.config.clone())
+                    .await
+                    .map_err(|e| format!("cannot provision: {e}"))?;
+            }
+            self.js.get_stream(&ns.name).await.map_err(|e| {
+                format!(
+                    "missing or unreadable (nats.provision = {}): {e}",
+                    self.cfg.provision
+                )
+            })
+        };
+        tokio::time::timeout(self.cfg.request_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err("no answer within nats.request_timeout".into()))
     }
 
     fn namespace(&self, channel: &Channel) -> Result<&NamespaceStream, EngineError> {
@@ -251,8 +297,8 @@ impl NatsBroker {
     }
 
     async fn publish_inner(&self, req: PublishRequest) -> Result<Published, EngineError> {
-        self.namespace(&req.channel)?;
         self.connected()?;
+        self.namespace(&req.channel)?.stream()?;
         let mut headers = HeaderMap::new();
         if let Some(id) = &req.msg_id {
             // JetStream dedupes per stream (a namespace): scope the key to the channel.
@@ -294,6 +340,7 @@ impl NatsBroker {
     ) -> Result<HistoryPage, EngineError> {
         let ns = self.namespace(channel)?;
         self.connected()?;
+        let stream = ns.stream()?;
         let subject = self.subject(channel);
         let deadline = self.cfg.request_timeout;
         let get = |seq: u64| {
@@ -301,7 +348,7 @@ impl NatsBroker {
             async move {
                 match tokio::time::timeout(
                     deadline,
-                    ns.stream.direct_get_next_for_subject(subject, Some(seq)),
+                    stream.direct_get_next_for_subject(subject, Some(seq)),
                 )
                 .await
                 {
@@ -314,7 +361,7 @@ impl NatsBroker {
         };
         let top = match tokio::time::timeout(
             deadline,
-            ns.stream.direct_get_last_for_subject(subject.clone()),
+            stream.direct_get_last_for_subject(subject.clone()),
         )
         .await
         {
@@ -384,6 +431,7 @@ impl NatsBroker {
     async fn watch_inner(&self, channel: &Channel) -> Result<(), EngineError> {
         let ns = self.namespace(channel)?;
         self.connected()?;
+        let stream = ns.stream()?;
         let mut ready = {
             let mut live = self.live.lock();
             match live.get_mut(channel) {
@@ -395,7 +443,7 @@ impl NatsBroker {
                     let (tx, rx) = watch::channel(None);
                     let task = tokio::spawn(run_live(LiveTask {
                         client: self.client.clone(),
-                        stream: ns.stream.clone(),
+                        stream: stream.clone(),
                         sink: Arc::clone(&self.sink),
                         channel: channel.clone(),
                         subject: self.subject(channel),
@@ -552,8 +600,25 @@ impl Broker for NatsBroker {
         Box::pin(self.watch_inner(channel))
     }
 
-    fn is_ready(&self) -> bool {
-        self.connected().is_ok()
+    fn backbone(&self) -> BackboneState {
+        let mut state = BackboneState::default();
+        if self.connected().is_err() {
+            let why = match self.last_error.lock().as_deref() {
+                Some(e) => format!("nats: not connected to {} (last error: {e})", self.cfg.url),
+                None => format!("nats: not connected to {}", self.cfg.url),
+            };
+            state.blocking.push(why);
+        } else if !self.checked.load(Ordering::Acquire) {
+            state.blocking.push("nats: streams not checked yet".into());
+        }
+        for (name, ns) in &self.namespaces {
+            if let Some(why) = ns.problem.lock().as_deref() {
+                state
+                    .namespaces
+                    .insert(name.clone(), format!("stream {}: {why}", ns.name));
+            }
+        }
+        state
     }
 
     fn unwatch(&self, channel: &Channel) {
@@ -567,6 +632,47 @@ impl Broker for NatsBroker {
                 }
             }
         }
+    }
+}
+
+/// Looks up (or provisions) every namespace's stream once connected, again with
+/// backoff for those that failed, until all are there. A stream that cannot be had
+/// (e.g. its replicas' servers are down) leaves the others, and readiness, alone.
+async fn provision(broker: Weak<NatsBroker>) {
+    let mut reconnects = match broker.upgrade() {
+        Some(b) => b.reconnects.subscribe(),
+        None => return,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        {
+            let Some(b) = broker.upgrade() else {
+                return;
+            };
+            if b.connected().is_ok() {
+                let missing = b.namespaces.values().filter(|ns| ns.stream.get().is_none());
+                let rounds = missing.map(|ns| async {
+                    match b.ensure(ns).await {
+                        Ok(stream) => {
+                            let _ = ns.stream.set(stream);
+                            *ns.problem.lock() = None;
+                        }
+                        Err(why) => {
+                            tracing::warn!(stream = %ns.name, %why, "stream not available; retrying");
+                            *ns.problem.lock() = Some(why);
+                        }
+                    }
+                });
+                futures_util::future::join_all(rounds).await;
+                b.checked.store(true, Ordering::Release);
+                if b.namespaces.values().all(|ns| ns.stream.get().is_some()) {
+                    return;
+                }
+            }
+        }
+        // A new connection is the moment to try again; otherwise back off.
+        let _ = tokio::time::timeout(backoff, reconnects.changed()).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

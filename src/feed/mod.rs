@@ -160,15 +160,24 @@ pub struct TickSink {
     broker: Arc<dyn Broker>,
     prices: Arc<dyn PriceCache>,
     namespace: String,
+    /// How long a tick is retried while the broker is unavailable (`feed.stale_after`).
+    retry_for: Duration,
 }
 
 impl TickSink {
-    /// A sink publishing to `<namespace>.<SYMBOL>` through `broker`.
-    pub fn new(broker: Arc<dyn Broker>, prices: Arc<dyn PriceCache>, namespace: &str) -> Self {
+    /// A sink publishing to `<namespace>.<SYMBOL>` through `broker`, retrying a tick
+    /// for at most `retry_for`.
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        prices: Arc<dyn PriceCache>,
+        namespace: &str,
+        retry_for: Duration,
+    ) -> Self {
         TickSink {
             broker,
             prices,
             namespace: namespace.to_string(),
+            retry_for,
         }
     }
 
@@ -189,6 +198,28 @@ impl TickSink {
             })
             .await
             .map(drop)
+    }
+}
+
+impl TickSink {
+    /// Publishes a tick, retrying a retryable failure (113: the outcome is unknown,
+    /// the tick may even be stored) with the same `msg_id`, so a retry is never a
+    /// second publication, and before any later tick of the symbol, so order holds.
+    /// Gives up after `retry_for`: a price that old is of no use.
+    pub async fn publish_retrying(&self, tick: &Tick) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish(tick).await {
+                Err(EngineError::Unavailable(_))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                done => return done,
+            }
+        }
     }
 }
 
@@ -239,12 +270,12 @@ async fn publish_in_order(
     mut ticks: tokio::sync::mpsc::Receiver<Tick>,
 ) {
     while let Some(t) = ticks.recv().await {
-        match sink.publish(&t).await {
+        match sink.publish_retrying(&t).await {
             Ok(()) => {
                 link.ticks.fetch_add(1, Ordering::Relaxed);
                 link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
             }
-            // A replica (or the next tick) covers it; retrying would publish out of order.
+            // A replica covers it (the same msg_id), or the next tick supersedes it.
             Err(e) => tracing::warn!(%source, symbol = %t.symbol, error = %e, "tick not published"),
         }
     }

@@ -65,6 +65,7 @@ pub async fn start(config: Config) -> Result<RunningFeed, ConfigError> {
         Arc::clone(&broker),
         Arc::clone(&prices),
         &config.feed.namespace,
+        config.feed.stale_after,
     ));
     super::start(&config.feed, sink, Arc::clone(&health), shutdown.clone());
     let served = serve(
@@ -131,7 +132,7 @@ fn route<B>(
         ),
         (&Method::GET, "/readyz") => {
             let links = health.is_ready(stale_after);
-            let nats = broker.is_ready();
+            let nats = broker.backbone().is_ready();
             let status = if links && nats {
                 StatusCode::OK
             } else {

@@ -98,8 +98,10 @@ async fn dispatch(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Ready means: not draining and the broker's backbone is reachable. Redis being
-/// down does not make a node unready (delivery goes on, only presence, cursors and
+/// Ready means: not draining, the broker's backbone is connected and its streams
+/// were looked up once. A namespace whose stream is not available does not make
+/// the node unready (the others serve; its requests answer 113): the body lists it.
+/// Redis being down does not either (delivery goes on, only presence, cursors and
 /// control are degraded, and every node shares the same Redis: pulling them all
 /// out of the load balancer would turn a degradation into an outage); the body
 /// says how Redis is.
@@ -109,14 +111,22 @@ fn readyz(node: &Node) -> Response<Body> {
         Some(true) => "up",
         Some(false) => "down",
     };
+    let backbone = node.engine.broker.backbone();
     let (status, word) = if node.shutdown.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !node.is_ready() {
+    } else if !backbone.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "backbone unreachable")
     } else {
         (StatusCode::OK, "ready")
     };
-    json(status, &serde_json::json!({"status": word, "redis": redis}))
+    let mut body = serde_json::json!({"status": word, "redis": redis});
+    if !backbone.blocking.is_empty() {
+        body["reasons"] = serde_json::json!(backbone.blocking);
+    }
+    if !backbone.namespaces.is_empty() {
+        body["unavailable_namespaces"] = serde_json::json!(backbone.namespaces);
+    }
+    json(status, &body)
 }
 
 /// A few counters in the Prometheus text format.
@@ -168,6 +178,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ConfigError> {
             Arc::clone(&node.engine.broker),
             Arc::clone(&node.prices),
             &node.config.feed.namespace,
+            node.config.feed.stale_after,
         );
         crate::feed::start(
             &node.config.feed,

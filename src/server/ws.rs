@@ -102,6 +102,14 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             "node is draining; reconnect to another node",
         );
     }
+    let backbone = node.engine.broker.backbone();
+    if !backbone.is_ready() {
+        let why = format!(
+            "node is not ready ({}); reconnect to another node",
+            backbone.blocking.join("; ")
+        );
+        return error(StatusCode::SERVICE_UNAVAILABLE, 503, &why);
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return error(
             StatusCode::BAD_REQUEST,

@@ -107,7 +107,15 @@ pub async fn start(config: Config) -> RunningServer {
         level: "warn".into(),
         json: false,
     });
-    server::start(config).await.expect("gateway starts")
+    let gw = server::start(config).await.expect("gateway starts");
+    // The engine connects and looks up its streams in the background.
+    let broker = std::sync::Arc::clone(&gw.node.engine.broker);
+    eventually(WAIT, "the node is ready with every stream", || {
+        let state = broker.backbone();
+        async move { (state.is_ready() && state.namespaces.is_empty()).then_some(()) }
+    })
+    .await;
+    gw
 }
 
 /// A token for `user` with `caps`, valid for `ttl`.
