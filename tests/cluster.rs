@@ -704,3 +704,87 @@ async fn extreme_positions_on_the_stream() {
     .await;
     c.ping().await;
 }
+
+/// A 3-server JetStream cluster with R3 streams: the stream leader is SIGKILLed
+/// mid-stream and restarted; a publisher that retries 113 with the same `msg_id`
+/// and subscribers on two nodes all end with exactly the acked sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_streams_survive_a_stream_leader_kill() {
+    let mut cluster = NatsCluster::start();
+    let node = |id: &str| {
+        let mut c = config();
+        c.engine.kind = switchyard::config::EngineKind::Nats;
+        c.nats.url = cluster.urls();
+        c.server.node_id = id.to_string();
+        if let Some(open) = c.namespaces.get_mut("open") {
+            open.stream_replicas = 3;
+        }
+        c
+    };
+    let a = start(node("a")).await;
+    let b = start(node("b")).await;
+    let ch = "open.ha";
+    let mut on_a = connect_as(a.addr, "sa", &[]).await;
+    let mut on_b = connect_as(b.addr, "sb", &[]).await;
+    on_a.subscribe(ch).await;
+    on_b.subscribe(ch).await;
+    let mut publisher = connect_as(a.addr, "p", &[]).await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(cluster.urls().split(',').collect::<Vec<_>>())
+            .await
+            .unwrap(),
+    );
+    let mut acked: Vec<u64> = Vec::new();
+    let mut retries = 0;
+    let mut killed = None;
+    let mut stalled = std::time::Duration::ZERO;
+    for i in 0..300 {
+        if i == 100 {
+            let mut stream = js.get_stream("SY_OPEN").await.unwrap();
+            let info = stream.info().await.unwrap();
+            let leader = info
+                .cluster
+                .as_ref()
+                .and_then(|c| c.leader.clone())
+                .expect("a leader");
+            let n: usize = leader.trim_start_matches('n').parse().unwrap();
+            cluster.servers[n - 1].kill();
+            killed = Some(n - 1);
+        }
+        if i == 200 {
+            if let Some(n) = killed {
+                cluster.servers[n].restart();
+            }
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let (r, _) = publisher
+                .request(
+                    json!({"type": "publish", "channel": ch, "data": i, "msg_id": format!("m{i}")}),
+                )
+                .await;
+            if r["type"] == "published" {
+                let seq = r["seq"].as_u64().unwrap();
+                if acked.last() != Some(&seq) {
+                    acked.push(seq);
+                }
+                break;
+            }
+            assert_eq!(r["code"], 113, "only retryable errors: {r}");
+            retries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        stalled = stalled.max(started.elapsed());
+    }
+    eprintln!(
+        "leader kill: longest publish stall {} ms, {retries} retries of 113",
+        stalled.as_millis()
+    );
+    assert_eq!(acked.len(), 300, "one publication per msg_id");
+    for c in [&mut on_a, &mut on_b] {
+        for want in &acked {
+            assert_eq!(&c.recv_type("msg").await["seq"], want);
+        }
+        c.ping().await;
+    }
+}

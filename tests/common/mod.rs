@@ -570,6 +570,37 @@ impl NatsServer {
 
     /// Starts with extra lines in the server config (e.g. `authorization { ... }`).
     pub fn start_with(extra: &str) -> NatsServer {
+        let server = Self::start_unready(extra);
+        server.wait_jetstream();
+        server
+    }
+
+    /// Blocks until JetStream answers on the monitoring port (a cluster needs its
+    /// meta leader for that).
+    pub fn wait_jetstream(&self) {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let healthy = std::net::TcpStream::connect(self.monitor).is_ok_and(|mut s| {
+                let req = "GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n";
+                let mut out = String::new();
+                s.write_all(req.as_bytes()).is_ok()
+                    && s.read_to_string(&mut out).is_ok()
+                    && out.starts_with("HTTP/1.1 200")
+            });
+            if healthy {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "JetStream becomes available"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the process and waits for "Server is ready", not for JetStream.
+    pub fn start_unready(extra: &str) -> NatsServer {
         let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| {
             let local = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/nats-server");
             if std::path::Path::new(local).exists() {
@@ -648,6 +679,63 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl NatsServer {
+    /// Kills the server (SIGKILL: a crash, not a goodbye) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A real 3-server JetStream cluster on loopback (`server_name` n1..n3).
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three routed servers and waits until JetStream has a meta leader.
+    pub fn start() -> NatsCluster {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let routes: Vec<u16> = (0..3).map(|_| free()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let servers = (0..3)
+            .map(|i| {
+                NatsServer::start_unready(&format!(
+                    "server_name: n{}\ncluster {{ name: sy, listen: \"127.0.0.1:{}\", routes: [{route_list}] }}",
+                    i + 1,
+                    routes[i]
+                ))
+            })
+            .collect::<Vec<_>>();
+        let cluster = NatsCluster { servers };
+        for s in &cluster.servers {
+            s.wait_jetstream();
+        }
+        cluster
+    }
+
+    /// Every server's client URL, comma-separated (the form `nats.url` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
