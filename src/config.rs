@@ -251,6 +251,11 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS); empty keeps
     /// presence, cursors and control in this process.
     pub url: String,
+    /// Redis Sentinel instead of `url`: the sentinels (`host:port`), asked for the
+    /// primary of `master_name` at start and after a failover.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub master_name: String,
     /// ACL user and password; override what the URL says (keep secrets out of URLs).
     pub username: Option<String>,
     pub password: Option<String>,
@@ -280,10 +285,19 @@ pub struct RedisConfig {
     pub revocation_ttl: Duration,
 }
 
+impl RedisConfig {
+    /// Whether Redis is configured (a URL or sentinels).
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty() || !self.sentinels.is_empty()
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
             username: None,
             password: None,
             key_prefix: "sy:".into(),
@@ -574,8 +588,18 @@ impl Config {
             );
         }
         let r = &self.redis;
-        if !r.url.is_empty() {
-            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+        if !r.url.is_empty() && !r.sentinels.is_empty() {
+            return err(
+                "redis.sentinels",
+                "set either redis.url or redis.sentinels, not both",
+            );
+        }
+        if !r.sentinels.is_empty() && r.master_name.is_empty() {
+            return err("redis.master_name", "redis.sentinels need the master name");
+        }
+        if r.enabled() {
+            let scheme_ok = r.url.starts_with("redis://") || r.url.starts_with("rediss://");
+            if !r.url.is_empty() && !scheme_ok {
                 return err("redis.url", "must start with redis:// or rediss://");
             }
             if r.heartbeat_interval.is_zero() || r.ack_flush_interval.is_zero() {
@@ -802,6 +826,18 @@ mod tests {
         assert_eq!(c.nats.servers().unwrap().len(), 2);
         c.nats.url = " , ".into();
         assert!(c.validate().unwrap_err().0.contains("nats.url"));
+    }
+
+    #[test]
+    fn redis_sentinels_need_a_master_name_and_exclude_a_url() {
+        let mut c = Config::load(Some(Path::new(SHIPPED))).unwrap();
+        c.redis.sentinels = vec!["127.0.0.1:26379".into()];
+        assert!(c.validate().unwrap_err().0.contains("redis.master_name"));
+        c.redis.master_name = "sy".into();
+        assert!(c.redis.enabled());
+        c.validate().unwrap();
+        c.redis.url = "redis://127.0.0.1:6379".into();
+        assert!(c.validate().unwrap_err().0.contains("redis.sentinels"));
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Node {
             }
             EngineKind::Nats => NatsBroker::connect(&config, hub.clone()).await?,
         };
-        let engine = if config.redis.url.is_empty() {
+        let engine = if !config.redis.enabled() {
             if config.engine.kind == EngineKind::Nats {
                 tracing::warn!("no redis.url: presence, cursors and control stay node-local");
             }
@@ -123,7 +123,7 @@ impl Node {
                 control: parts.control,
             }
         };
-        let prices: Arc<dyn PriceCache> = if config.redis.url.is_empty() {
+        let prices: Arc<dyn PriceCache> = if !config.redis.enabled() {
             Arc::new(MemoryPrices::default())
         } else {
             RedisPrices::connect(&config.redis).await?

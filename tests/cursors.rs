@@ -11,14 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-/// Closes from the client side and waits for the server's close frame: the
-/// closing handshake is complete when this returns.
-async fn close_cleanly(mut c: Client) {
-    c.ws.close(None).await.expect("close frame sent");
-    let (code, _) = c.expect_close().await;
-    assert_eq!(code, 1000);
-}
-
 const RESUMES: usize = 1000;
 
 /// A device acks what it receives, closes cleanly and resubscribes at once without

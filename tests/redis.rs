@@ -136,6 +136,11 @@ async fn presence_spans_nodes_and_a_killed_node_drops_out_within_the_ttl() {
         c.subscribe("chat.room.1").await;
     }
     let everyone = vec![pair("u1", "a"), pair("u2", "b"), pair("u3", "d")];
+    // A member is written to Redis just after its `subscribed` reply.
+    eventually(WAIT, "every member in presence", || async {
+        (presence_of(b.addr, "chat.room.1").await == everyone).then_some(())
+    })
+    .await;
     let r = u1
         .call(
             json!({"type": "presence", "channel": "chat.room.1"}),
@@ -517,7 +522,11 @@ async fn redis_outage_degrades_presence_but_not_delivery_and_recovers() {
     let mut on_b = connect_device(b.addr, "q", "qb").await;
     on_a.subscribe(ch).await;
     on_b.subscribe(ch).await;
-    assert_eq!(presence_of(a.addr, ch).await.len(), 2);
+    // A member is written to Redis just after its `subscribed` reply.
+    eventually(WAIT, "both members in presence", || async {
+        (presence_of(a.addr, ch).await.len() == 2).then_some(())
+    })
+    .await;
 
     redis.stop();
     // Delivery between nodes goes on.
@@ -719,4 +728,116 @@ async fn a_node_started_while_redis_is_down_catches_up_when_it_returns() {
     let (status, _) = api(b.addr, "POST", "/api/v1/users/early/disconnect", None).await;
     assert_eq!(status, 200);
     assert_eq!(c.expect_close().await.0, 4003);
+}
+
+/// Redis primary + replica + 3 sentinels: the primary is SIGKILLed, the sentinels
+/// fail over, and presence, acks, disconnect and revoke work again through the new
+/// primary, with what was written before intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_keeps_presence_cursors_and_control() {
+    let nats = NatsServer::start();
+    let mut set = RedisSentinels::start().await;
+    let base = redis_config(&nats, &set.primary, "base");
+    let sentinels = set.sentinel_addrs.clone();
+    let node = |id: &str| {
+        let mut c = base.clone();
+        c.server.node_id = id.to_string();
+        c.redis.url = String::new();
+        c.redis.sentinels = sentinels.clone();
+        c.redis.master_name = "sy".into();
+        c
+    };
+    let a = start(node("a")).await;
+    let b = start(node("b")).await;
+    let ch = "chat.room.failover";
+    let mut watcher = connect_as(b.addr, "w", CHAT_CAPS).await;
+    watcher.subscribe(ch).await;
+    let mut d = connect_device(a.addr, "u", "phone").await;
+    d.subscribe(ch).await;
+    let mut p = connect_as(b.addr, "sender", CHAT_CAPS).await;
+    let first = p.publish(ch, json!("before")).await;
+    assert_eq!(d.recv_type("msg").await["seq"], first);
+    d.send(json!({"type": "ack", "channel": ch, "seq": first}))
+        .await;
+    close_cleanly(d).await;
+    let (s, _) = api(a.addr, "POST", "/api/v1/tokens/old-token/revoke", None).await;
+    assert_eq!(s, 200);
+    // Everything so far is on the replica before the primary dies.
+    let primary = set.primary.client().await;
+    eventually(WAIT, "the replica acknowledged every write", || {
+        let mut primary = primary.clone();
+        async move {
+            let synced: i64 = redis::cmd("WAIT")
+                .arg(1)
+                .arg(200)
+                .query_async(&mut primary)
+                .await
+                .ok()?;
+            (synced == 1).then_some(())
+        }
+    })
+    .await;
+    let old_port = set.primary.port;
+
+    set.primary.stop();
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "presence through the new primary",
+        || async {
+            let (s, stats) =
+                api(a.addr, "GET", &format!("/api/v1/presence/{ch}/stats"), None).await;
+            // The watcher (entries are rewritten by the heartbeat, as after any outage).
+            (s == 200 && stats["clients"] == 1).then_some(())
+        },
+    )
+    .await;
+    let back = killed.elapsed();
+    assert_ne!(
+        set.primary_port().await,
+        Some(old_port),
+        "the sentinels failed over"
+    );
+    eprintln!(
+        "presence served again {} ms after the primary was killed",
+        back.as_millis()
+    );
+
+    // The cursor written before survived: the device resumes on the other node.
+    let later = p.publish(ch, json!("after")).await;
+    let mut d = connect_device(b.addr, "u", "phone").await;
+    let r = d.subscribe(ch).await;
+    assert_eq!(
+        (&r["recovered"], &r["stored_cursor"], &r["replayed"]),
+        (&json!(true), &json!(true), &json!(1)),
+        "{r}"
+    );
+    assert_eq!(d.recv_type("msg").await["seq"], later);
+    // Acks go to the new primary.
+    d.send(json!({"type": "ack", "channel": ch, "seq": later}))
+        .await;
+    close_cleanly(d).await;
+    let (_, cursors) = api(a.addr, "GET", "/api/v1/users/u/cursors", None).await;
+    assert_eq!(cursors["cursors"][0]["seq"], later, "{cursors}");
+    // The control bus works across nodes again.
+    let (s, _) = api(a.addr, "POST", "/api/v1/users/w/disconnect", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(watcher.expect_close().await.0, 4003);
+    // A node started now loads the revocation written before the failover.
+    let c = start(node("c")).await;
+    let t = sign(
+        &switchyard::auth::Claims {
+            jti: Some("old-token".into()),
+            ..claims("u", now() + 60)
+        },
+        SECRET,
+    );
+    let auth = format!("Bearer {t}");
+    let refused = eventually(WAIT, "the revoked token is refused", || async {
+        try_connect_with(c.addr, "", &[("authorization", &auth)])
+            .await
+            .err()
+    })
+    .await;
+    assert_eq!(refused.body["code"], 206);
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::{seq_greater, Tick};
 use crate::config::{ConfigError, RedisConfig};
 use crate::engine::memory::unix_ms;
+use crate::engine::redis::primary::Primary;
 use crate::engine::{BoxFuture, EngineError};
 
 /// A cached tick and when this process (or the feed that wrote it) received it.
@@ -108,7 +109,7 @@ return 1
 /// Writes are coalesced (the newest per symbol, every 100 ms); reads fall back to
 /// what this process last saw while Redis is unreachable.
 pub struct RedisPrices {
-    conn: ConnectionManager,
+    primary: Primary,
     prefix: String,
     local: Mutex<HashMap<String, CachedTick>>,
     pending: Mutex<HashMap<String, CachedTick>>,
@@ -120,25 +121,13 @@ impl RedisPrices {
     /// Connects lazily (the cache works from memory while Redis is down) and loads
     /// what Redis holds.
     pub async fn connect(cfg: &RedisConfig) -> Result<Arc<Self>, ConfigError> {
-        let bad = |e: redis::RedisError| ConfigError(format!("`redis.url`: {e}"));
-        let mut info =
-            redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str()).map_err(bad)?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(u) = &cfg.username {
-            settings = settings.set_username(u);
-        }
-        if let Some(p) = &cfg.password {
-            settings = settings.set_password(p);
-        }
-        info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(bad)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.response_timeout))
             .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(bad)?;
+        let primary = Primary::new(cfg, manager)?;
         let prices = Arc::new(RedisPrices {
-            conn,
+            primary,
             prefix: cfg.key_prefix.clone(),
             local: Mutex::default(),
             pending: Mutex::default(),
@@ -148,6 +137,15 @@ impl RedisPrices {
         }
         tokio::spawn(writer(Arc::downgrade(&prices)));
         Ok(prices)
+    }
+
+    /// A connection to the primary (found through the sentinels when needed).
+    async fn conn(&self) -> Result<ConnectionManager, EngineError> {
+        if let Ok(conn) = self.primary.conn() {
+            return Ok(conn);
+        }
+        self.primary.rediscover().await;
+        self.primary.conn()
     }
 
     fn key(&self, symbol: &str) -> String {
@@ -179,16 +177,23 @@ impl RedisPrices {
                 .arg(&prefix)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<()>(&mut conn).await {
+        let written = match self.conn().await {
+            Ok(mut conn) => pipe
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
             Ok(()) => Ok(()),
             Err(e) => {
+                self.primary.rediscover().await;
                 // Keep them for the next round, unless something newer came meanwhile.
                 let mut pending = self.pending.lock();
                 for c in batch.into_values() {
                     keep_newest(&mut pending, &c.tick, c.received_at);
                 }
-                Err(EngineError::Degraded(format!("redis: {e}")))
+                Err(EngineError::Degraded(e))
             }
         }
     }
@@ -243,7 +248,9 @@ impl PriceCache for RedisPrices {
         symbol: &'a str,
     ) -> BoxFuture<'a, Result<Option<CachedTick>, EngineError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let Ok(mut conn) = self.conn().await else {
+                return Ok(self.local.lock().get(symbol).cloned());
+            };
             let read: redis::RedisResult<Vec<Option<String>>> = redis::cmd("HMGET")
                 .arg(self.key(symbol))
                 .arg("tick")
@@ -266,7 +273,9 @@ impl PriceCache for RedisPrices {
 
     fn all(&self) -> BoxFuture<'_, Result<Vec<CachedTick>, EngineError>> {
         Box::pin(async move {
-            let mut conn = self.conn.clone();
+            let Ok(mut conn) = self.conn().await else {
+                return Ok(sorted(&self.local.lock()));
+            };
             let symbols: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
                 .arg(self.symbols_key())
                 .query_async(&mut conn)

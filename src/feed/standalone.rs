@@ -54,7 +54,7 @@ pub async fn start(config: Config) -> Result<RunningFeed, ConfigError> {
         .map_err(|e| ConfigError(format!("`feed.listen`: {e}")))?;
     // The feed never subscribes: its hub stays empty.
     let broker: Arc<dyn Broker> = NatsBroker::connect(&config, Hub::new()).await?;
-    let prices: Arc<dyn PriceCache> = if config.redis.url.is_empty() {
+    let prices: Arc<dyn PriceCache> = if !config.redis.enabled() {
         Arc::new(MemoryPrices::default())
     } else {
         RedisPrices::connect(&config.redis).await?

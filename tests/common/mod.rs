@@ -154,6 +154,14 @@ pub fn claims(user: &str, exp: u64) -> Claims {
     }
 }
 
+/// Closes from the client side and waits for the server's close frame: the
+/// closing handshake is complete when this returns.
+pub async fn close_cleanly(mut c: Client) {
+    c.ws.close(None).await.expect("close frame sent");
+    let (code, _) = c.expect_close().await;
+    assert_eq!(code, 1000);
+}
+
 /// Capabilities of a chat user.
 pub const CHAT_CAPS: &[&str] = &["chat.>=sub+pub+history+presence"];
 
@@ -887,17 +895,24 @@ pub async fn snapshot_check(publish_on: SocketAddr, subscribe_on: SocketAddr) {
     }
 }
 
-/// A real `redis-server` on a free loopback port, without persistence, stopped by PID.
+/// A real `redis-server` on a free loopback port, without persistence unless asked,
+/// stopped by PID.
 pub struct RedisServer {
     child: Option<std::process::Child>,
     pub port: u16,
     pub url: String,
     dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts `redis-server` from the PATH (`.ci/run` installs Debian's package).
     pub fn start() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts with these arguments after the port, bind and directory.
+    pub fn start_with(args: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -908,6 +923,7 @@ impl RedisServer {
             port,
             url: format!("redis://127.0.0.1:{port}"),
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         server.restart();
         server
@@ -917,7 +933,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(std::process::Stdio::null())
@@ -969,6 +985,109 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis primary and replica (both with AOF) watched by three real sentinels
+/// (`redis-server --sentinel`) under the name `sy`.
+pub struct RedisSentinels {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<std::process::Child>,
+    pub sentinel_addrs: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinels {
+    /// Starts them and waits until every sentinel knows the replica.
+    pub async fn start() -> RedisSentinels {
+        let primary = RedisServer::start_with(&["--appendonly", "yes", "--save", ""]);
+        let primary_port = primary.port.to_string();
+        let replica = RedisServer::start_with(&[
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--replicaof",
+            "127.0.0.1",
+            &primary_port,
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut sentinels = Vec::new();
+        let mut sentinel_addrs = Vec::new();
+        for i in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let conf = dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor sy 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds sy 500\nsentinel failover-timeout sy 3000\n\
+                     sentinel parallel-syncs sy 1\n",
+                    dir.path().display()
+                ),
+            )
+            .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel starts");
+            sentinels.push(child);
+            sentinel_addrs.push(format!("127.0.0.1:{port}"));
+        }
+        let set = RedisSentinels {
+            primary,
+            replica,
+            sentinels,
+            sentinel_addrs,
+            _dir: dir,
+        };
+        for addr in set.sentinel_addrs.clone() {
+            eventually(WAIT, "a sentinel knows the replica", || {
+                let addr = addr.clone();
+                async move {
+                    let client = redis::Client::open(format!("redis://{addr}")).ok()?;
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+                        .arg("replicas")
+                        .arg("sy")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    (!replicas.is_empty()).then_some(())
+                }
+            })
+            .await;
+        }
+        set
+    }
+
+    /// The primary the sentinels name now.
+    pub async fn primary_port(&self) -> Option<u16> {
+        let client = redis::Client::open(format!("redis://{}", self.sentinel_addrs[0])).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let (_, port): (String, u16) = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg("sy")
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        Some(port)
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

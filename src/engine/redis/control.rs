@@ -87,7 +87,7 @@ impl RedisControl {
     /// Subscribes to the control and event channels (the connection manager
     /// subscribes again after every reconnect).
     pub(super) async fn subscribe(&self) -> Result<(), EngineError> {
-        let mut conn = self.store.conn.clone();
+        let mut conn = self.store.conn().await?;
         for channel in [self.store.keys.control(), self.store.keys.join_leave()] {
             conn.subscribe(&channel)
                 .await

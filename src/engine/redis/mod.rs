@@ -15,6 +15,7 @@
 mod control;
 mod cursors;
 mod presence;
+pub mod primary;
 
 pub use control::RedisControl;
 pub use cursors::RedisCursors;
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{Pipeline, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::memory::unix_ms;
@@ -36,6 +37,7 @@ use crate::channel::Channel;
 use crate::config::{Config, ConfigError, RedisConfig};
 use crate::connections::Connections;
 use crate::hub::Hub;
+use primary::Primary;
 
 /// Pushed messages (pub/sub) waiting for the control task; beyond this they are
 /// dropped and the next heartbeat reloads what matters (revocations).
@@ -366,7 +368,7 @@ struct Owned {
 
 /// The connection to Redis and what every Redis-backed part shares.
 pub struct Store {
-    conn: ConnectionManager,
+    primary: Primary,
     keys: Keys,
     scripts: Scripts,
     cfg: RedisConfig,
@@ -390,6 +392,15 @@ pub struct RedisParts {
 }
 
 impl Store {
+    /// A connection to the primary; looks for it when none is known yet.
+    async fn conn(&self) -> Result<ConnectionManager, EngineError> {
+        if let Ok(conn) = self.primary.conn() {
+            return Ok(conn);
+        }
+        self.primary.rediscover().await;
+        self.primary.conn().inspect_err(|_| self.failed_silently())
+    }
+
     /// Whether the last exchange with Redis succeeded.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -419,10 +430,14 @@ impl Store {
     /// (a restart), and maps failures to [`EngineError::Degraded`].
     async fn exec(&self, pipe: &Pipeline) -> Result<Vec<Value>, EngineError> {
         for attempt in 0..2 {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let values: Vec<Value> = match pipe.query_async(&mut conn).await {
                 Ok(v) => v,
-                Err(e) => return Err(self.failed(&e)),
+                Err(e) => {
+                    let failure = self.failed(&e);
+                    self.primary.rediscover().await;
+                    return Err(failure);
+                }
             };
             let noscript = values
                 .iter()
@@ -434,6 +449,11 @@ impl Store {
             if let Some(Value::ServerError(e)) =
                 values.iter().find(|v| matches!(v, Value::ServerError(_)))
             {
+                if e.code() == "READONLY" {
+                    // A former primary, now a replica: the primary moved.
+                    self.failed_silently();
+                    self.primary.rediscover().await;
+                }
                 return Err(EngineError::Degraded(format!(
                     "redis refused a command: {} {}",
                     e.code(),
@@ -469,7 +489,7 @@ impl Store {
         for source in &self.scripts.sources {
             pipe.cmd("SCRIPT").arg("LOAD").arg(source);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         pipe.query_async::<Vec<Value>>(&mut conn)
             .await
             .map(drop)
@@ -671,20 +691,6 @@ pub async fn connect(
     connections: Arc<Connections>,
 ) -> Result<RedisParts, ConfigError> {
     let cfg = &config.redis;
-    let bad_url = |e: redis::RedisError| ConfigError(format!("`redis.url`: {e}"));
-    let info = cfg.url.as_str().into_connection_info().map_err(bad_url)?;
-    let mut settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    if let Some(u) = &cfg.username {
-        settings = settings.set_username(u);
-    }
-    if let Some(p) = &cfg.password {
-        settings = settings.set_password(p);
-    }
-    let client = redis::Client::open(info.set_redis_settings(settings)).map_err(bad_url)?;
-
     let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
     let manager_cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(cfg.connect_timeout))
@@ -693,10 +699,10 @@ pub async fn connect(
         .set_number_of_retries(0)
         .set_push_sender(move |info: PushInfo| push_tx.try_send(info))
         .set_automatic_resubscription();
-    let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg).map_err(bad_url)?;
+    let primary = Primary::new(cfg, manager_cfg)?;
 
     let store = Arc::new(Store {
-        conn,
+        primary,
         keys: Keys::new(&cfg.key_prefix),
         scripts: Scripts::new(),
         cfg: cfg.clone(),
