@@ -17,24 +17,22 @@ fn visible_ascii(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Why an identifier was refused, for the error reason.
+/// Checks a `msg_id`; the error is the reason to answer.
 pub fn check_msg_id(id: &str) -> Result<(), String> {
-    if visible_ascii(id, MAX_MSG_ID_BYTES) {
-        Ok(())
-    } else {
-        Err(format!(
-            "`msg_id` must be 1 to {MAX_MSG_ID_BYTES} bytes of visible ASCII (no spaces or control characters)"
-        ))
-    }
+    check("msg_id", id, MAX_MSG_ID_BYTES)
 }
 
-/// Whether `device` is a valid device id.
+/// Checks a device id; the error is the reason to answer.
 pub fn check_device(device: &str) -> Result<(), String> {
-    if visible_ascii(device, MAX_DEVICE_BYTES) {
+    check("device", device, MAX_DEVICE_BYTES)
+}
+
+fn check(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if visible_ascii(s, max) {
         Ok(())
     } else {
         Err(format!(
-            "`device` must be 1 to {MAX_DEVICE_BYTES} bytes of visible ASCII (no spaces or control characters)"
+            "`{what}` must be 1 to {max} bytes of visible ASCII (no spaces or control characters)"
         ))
     }
 }

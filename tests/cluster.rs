@@ -493,11 +493,7 @@ async fn a_stream_that_cannot_be_provisioned_does_not_block_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_nats_servers_and_the_first_is_down() {
     let nats = NatsServer::start();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_port();
     let mut cfg = cluster_config(&nats, "a");
     cfg.nats.url = format!("nats://127.0.0.1:{dead}, {}", nats.url);
     let a = start(cfg).await;

@@ -558,6 +558,15 @@ pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
     v["seq"].as_u64().unwrap()
 }
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A real `nats-server -js` on free loopback ports with a temporary store, stopped by PID.
 pub struct NatsServer {
     child: Option<std::process::Child>,
@@ -618,14 +627,7 @@ impl NatsServer {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (port, http_port) = (free(), free());
+        let (port, http_port) = (free_port(), free_port());
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("js");
         std::fs::write(
@@ -708,14 +710,7 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts three routed servers and waits until JetStream has a meta leader.
     pub fn start() -> NatsCluster {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let routes: Vec<u16> = (0..3).map(|_| free()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
@@ -913,11 +908,7 @@ impl RedisServer {
 
     /// Starts with these arguments after the port, bind and directory.
     pub fn start_with(args: &[&str]) -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut server = RedisServer {
             child: None,
             port,
@@ -1016,11 +1007,7 @@ impl RedisSentinels {
         let mut sentinels = Vec::new();
         let mut sentinel_addrs = Vec::new();
         for i in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let conf = dir.path().join(format!("sentinel-{i}.conf"));
             std::fs::write(
                 &conf,
