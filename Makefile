@@ -38,6 +38,7 @@ build:
 test: $(NATS_SERVER) $(SCHEMATHESIS) redis-server
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --all-features -- -D warnings
+	cargo build --examples --features test-hooks
 	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets --features test-hooks
 	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
 

@@ -475,16 +475,17 @@ async fn switchyard_config_names_the_config_file() {
 
 #[tokio::test]
 async fn ws_client_example_exits_when_the_server_closes() {
-    // Built beside the test binaries by `cargo test --all-targets`.
-    let exe = std::env::current_exe().unwrap();
-    let client = exe
+    // `make test` builds it first (`cargo build --examples`): `cargo test` alone
+    // builds examples only as test harnesses.
+    let client = std::env::current_exe()
+        .unwrap()
         .parent()
         .and_then(|deps| deps.parent())
         .map(|dir| dir.join("examples/ws-client"))
         .unwrap();
     assert!(
         client.exists(),
-        "{} (cargo test --all-targets builds it)",
+        "{} is missing: run `cargo build --examples` (make test does)",
         client.display()
     );
     let gw = start(config()).await;
