@@ -44,6 +44,9 @@ pub struct Node {
     pub shutdown: Shutdown,
     /// `server.allowed_origins`, parsed.
     pub origins: AllowedOrigins,
+    /// Stream epochs seen, shared by every subscription that follows one (a handful:
+    /// one per namespace incarnation).
+    epochs: parking_lot::Mutex<std::collections::HashSet<Arc<str>>>,
     /// Admitted connections (slots held).
     admitted: AtomicUsize,
     /// Notified whenever a connection slot is released.
@@ -139,9 +142,21 @@ impl Node {
             feed: Arc::new(Health::default()),
             shutdown: Shutdown::default(),
             origins,
+            epochs: Default::default(),
             admitted: AtomicUsize::new(0),
             released: Notify::new(),
         }))
+    }
+
+    /// The shared copy of a stream epoch (a subscription keeps it for its acks).
+    pub fn epoch(&self, epoch: &str) -> Arc<str> {
+        let mut epochs = self.epochs.lock();
+        if let Some(e) = epochs.get(epoch) {
+            return Arc::clone(e);
+        }
+        let e: Arc<str> = Arc::from(epoch);
+        epochs.insert(Arc::clone(&e));
+        e
     }
 
     /// Options of the channel's namespace.

@@ -540,7 +540,7 @@ impl Session {
             },
         );
         sub.go_live(reply, &page.publications, after);
-        let epoch = Arc::from(page.position.epoch.as_str());
+        let epoch = self.node.epoch(&page.position.epoch);
         self.subs.insert(channel.clone(), Joined { sub, epoch });
         if ns.presence {
             self.join_presence(&channel, ns).await;

@@ -144,10 +144,11 @@ pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<No
         };
         encode_close(&mut buf, &closing);
         let timeout = node.config.session.write_timeout;
-        let _ = tokio::time::timeout(timeout, async {
+        // Boxed: the rarest path should not size every connection's writer.
+        let _ = Box::pin(tokio::time::timeout(timeout, async {
             io.write_all(&buf).await?;
             io.shutdown().await
-        })
+        }))
         .await;
         link.outbox
             .close(close::INTERNAL_ERROR, "internal error", false);
@@ -191,7 +192,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node)
                     if !write(io, &mut buf, cfg.write_timeout, outbox).await {
                         return;
                     }
-                    let _ = tokio::time::timeout(cfg.write_timeout, link.settled()).await;
+                    // Boxed: a rare path that should not size every idle connection's writer.
+                    let _ = Box::pin(tokio::time::timeout(cfg.write_timeout, link.settled())).await;
                 }
                 encode_close(&mut buf, &c);
                 Some(c)
