@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -244,14 +244,6 @@ impl Verifier {
     }
 }
 
-/// Current Unix time in seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Mints an HS256 token with the configured secret (for `switchyard token` and tests).
 pub fn mint(
     config: &Config,
@@ -267,7 +259,7 @@ pub fn mint(
     if !crate::ids::is_valid_user(user) {
         return Err(ConfigError(AuthError::BAD_SUBJECT.reason.into()));
     }
-    let now = unix_now();
+    let now = crate::clock::unix_now();
     let claims = Claims {
         sub: user.to_string(),
         exp: now + ttl.as_secs().max(1),

@@ -61,6 +61,17 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
 }
 
+impl ServerConfig {
+    /// The address this node is reached at, as the registry shows it.
+    pub fn advertised(&self) -> String {
+        if self.advertise.is_empty() {
+            self.listen.to_string()
+        } else {
+            self.advertise.clone()
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::engine::ClientInfo;
+use crate::engine::{ClientInfo, LocalConnections, UserConnections};
 use crate::protocol::close;
 use crate::session::outbox::Outbox;
 
@@ -22,9 +22,6 @@ pub struct Conn {
     pub since: u64,
     pub outbox: Arc<Outbox>,
 }
-
-/// A user and its connections as `(conn_id, device, since)`.
-pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>, u64)>);
 
 /// One user's admitted slots and open connections on this node.
 #[derive(Default)]
@@ -79,11 +76,6 @@ impl Connections {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Open connections indexed.
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-
     /// Removes a connection of `user`.
     pub fn remove(&self, user: &str, conn_id: &str) {
         let mut by_user = self.by_user.lock();
@@ -109,9 +101,15 @@ impl Connections {
             c.jti = jti;
         }
     }
+}
 
+impl LocalConnections for Connections {
+    /// Open connections indexed.
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
     /// Closes the user's connections (only `device`'s, if given) with 4003; returns how many.
-    pub fn kick_user(&self, user: &str, device: Option<&str>, reason: &str) -> usize {
+    fn kick_user(&self, user: &str, device: Option<&str>, reason: &str) -> usize {
         let by_user = self.by_user.lock();
         let Some(u) = by_user.get(user) else {
             return 0;
@@ -127,9 +125,8 @@ impl Connections {
         }
         n
     }
-
     /// Closes every connection authenticated with token id `jti` with 4003; returns how many.
-    pub fn kick_token(&self, jti: &str, reason: &str) -> usize {
+    fn kick_token(&self, jti: &str, reason: &str) -> usize {
         // A scan: revocations are rare, and an index by token id would cost every
         // connection memory for them.
         let by_user = self.by_user.lock();
@@ -142,10 +139,9 @@ impl Connections {
         }
         n
     }
-
     /// Every connection as `(user, [(conn_id, device, since)])`, for the Redis
     /// heartbeat. Only references are copied under the lock.
-    pub fn snapshot(&self) -> Vec<UserConnections> {
+    fn snapshot(&self) -> Vec<UserConnections> {
         self.by_user
             .lock()
             .iter()
@@ -160,9 +156,8 @@ impl Connections {
             })
             .collect()
     }
-
     /// The user's connections on this node.
-    pub fn of_user(&self, user: &str, node: &str) -> Vec<ClientInfo> {
+    fn of_user(&self, user: &str, node: &str) -> Vec<ClientInfo> {
         self.by_user
             .lock()
             .get(user)
@@ -179,38 +174,5 @@ impl Connections {
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-/// Revoked token ids held in memory (id → Unix ms until which it is refused), so
-/// checking a token on connect costs no round trip.
-#[derive(Default)]
-pub struct Revocations {
-    until: Mutex<HashMap<String, u64>>,
-}
-
-impl Revocations {
-    /// Refuses `jti` until `until_ms` (the later of two revocations wins); drops expired ones.
-    pub fn add(&self, jti: &str, until_ms: u64) {
-        self.merge([(jti.to_string(), until_ms)]);
-    }
-
-    /// Adds many at once.
-    pub fn merge(&self, entries: impl IntoIterator<Item = (String, u64)>) {
-        let now = crate::engine::memory::unix_ms();
-        let mut map = self.until.lock();
-        map.retain(|_, until| *until > now);
-        for (jti, until) in entries {
-            let e = map.entry(jti).or_insert(until);
-            *e = (*e).max(until);
-        }
-    }
-
-    /// Whether `jti` is refused now.
-    pub fn contains(&self, jti: &str) -> bool {
-        self.until
-            .lock()
-            .get(jti)
-            .is_some_and(|until| *until > crate::engine::memory::unix_ms())
     }
 }

@@ -14,12 +14,16 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use crate::channel::Channel;
-use crate::engine::{LiveSink, Publication};
+use crate::engine::{Deliveries, JoinLeave, Publication};
 use crate::session::outbox::Outbox;
 
 enum Phase {
-    /// History is being read; live publications wait here (bounded).
-    Buffering(Vec<Arc<Publication>>),
+    /// History is being replayed: live publications are not queued (they are in
+    /// the stream, and the replay reads on until it reaches them); the highest
+    /// seen is remembered so the switch to live waits for the replay to pass it.
+    Replaying {
+        live_max: u64,
+    },
     Live,
     /// Unsubscribed: publications are ignored.
     Cancelled,
@@ -29,10 +33,17 @@ struct SubState {
     phase: Phase,
     /// Highest seq queued to the client on this channel.
     last_seq: u64,
-    /// Conflated subscriptions: the newest publication not yet taken by the writer.
-    pending: Option<Bytes>,
-    /// Conflated subscriptions: whether a slot for this subscription is queued.
-    queued: bool,
+}
+
+/// Where a replaying subscription stands after [`Subscription::try_go_live`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Live: the replay is over.
+    Live,
+    /// Live publications up to a seq the replay has not queued yet: read on after `after`.
+    Behind { after: u64 },
+    /// Unsubscribed or closed.
+    Cancelled,
 }
 
 /// One connection's subscription to one channel.
@@ -41,132 +52,128 @@ pub struct Subscription {
     pub outbox: Arc<Outbox>,
     /// Hub-unique id, so unsubscribing removes exactly this subscription.
     pub id: u64,
-    /// Set for conflated subscriptions: the node's count of ticks replaced unsent.
-    conflated: Option<Arc<AtomicU64>>,
+    /// Conflated subscriptions: the outbox slot and the node's count of ticks replaced unsent.
+    conflation: Option<(usize, Arc<AtomicU64>)>,
     state: Mutex<SubState>,
 }
 
 impl Subscription {
-    /// A buffering subscription; what may arrive during replay is bounded like the outbox.
-    /// `conflated` (the hub's counter) makes it a conflated subscription.
+    /// A replaying subscription. `conflated` (the hub's counter) makes it a
+    /// conflated subscription with a slot in the outbox.
     pub fn new(
         channel: Channel,
         outbox: Arc<Outbox>,
         conflated: Option<Arc<AtomicU64>>,
     ) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        if conflated.is_some() {
-            outbox.count_conflated_channel(true);
-        }
+        let conflation = conflated.map(|counter| (outbox.open_slot(), counter));
         Arc::new(Subscription {
             channel,
             outbox,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            conflated,
+            conflation,
             state: Mutex::new(SubState {
-                phase: Phase::Buffering(Vec::new()),
+                phase: Phase::Replaying { live_max: 0 },
                 last_seq: 0,
-                pending: None,
-                queued: false,
             }),
         })
     }
 
     /// Offers one live publication.
-    fn offer(self: &Arc<Self>, publication: &Arc<Publication>) {
+    fn offer(&self, publication: &Arc<Publication>) {
         let mut st = self.state.lock();
         match &mut st.phase {
-            Phase::Buffering(buf) => {
-                if buf.len() >= self.outbox.max_messages() {
-                    drop(st);
-                    self.outbox.close(
-                        crate::protocol::close::SLOW_CONSUMER,
-                        "slow consumer: too many publications during replay",
-                        false,
-                    );
-                } else {
-                    buf.push(Arc::clone(publication));
-                }
-            }
+            Phase::Replaying { live_max } => *live_max = (*live_max).max(publication.seq),
             Phase::Cancelled => {}
             Phase::Live => {
                 if publication.seq > st.last_seq {
                     st.last_seq = publication.seq;
-                    self.enqueue(&mut st, &publication.frame);
+                    self.enqueue(&publication.frame);
                 }
             }
         }
     }
 
-    fn enqueue(self: &Arc<Self>, st: &mut SubState, frame: &Bytes) {
-        if let Some(skipped) = &self.conflated {
-            // A client that keeps up gets every publication; only one that has
-            // fallen behind gets the latest value instead of a backlog.
-            if !st.queued && self.outbox.try_push_within_backlog(frame) {
-                return;
+    fn enqueue(&self, frame: &Bytes) {
+        match &self.conflation {
+            Some((slot, skipped)) => self.outbox.push_conflated(*slot, frame, skipped),
+            None => {
+                self.outbox.push(frame.clone());
             }
-            if st.pending.replace(frame.clone()).is_some() {
-                skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            if !st.queued {
-                st.queued = true;
-                self.outbox.push_conflated(Arc::clone(self));
-            }
-        } else {
-            self.outbox.push(frame.clone());
         }
     }
 
-    /// Sends `reply` (the `subscribed` frame), then the replay, then everything buffered
-    /// after it, and switches to live delivery. `after` is the seq the client already has.
-    pub fn go_live(self: &Arc<Self>, reply: Bytes, replay: &[Arc<Publication>], after: u64) {
+    /// Queues `reply` (the `subscribed` frame) and the first replay page; `after` is
+    /// the seq the client already has. `false` when the connection cannot take a
+    /// replay now (it is closed with 4008) or is closing.
+    pub fn begin(&self, reply: Bytes, page: &[Arc<Publication>], after: u64) -> bool {
         let mut st = self.state.lock();
         st.last_seq = after;
-        if !replay.is_empty() && !self.outbox.can_start_replay() {
+        if !page.is_empty() && !self.outbox.can_start_replay() {
             drop(st);
             let why = "slow consumer: unread backlog too large to start a replay";
             self.outbox
                 .close(crate::protocol::close::SLOW_CONSUMER, why, false);
-            return;
+            return false;
         }
-        self.outbox.push_reply(reply);
-        for p in replay {
+        if !self.outbox.push_reply(reply) {
+            return false;
+        }
+        Self::queue_replay(&self.outbox, &mut st, page)
+    }
+
+    /// Queues the next replay page (what the client has is skipped).
+    pub fn replay(&self, page: &[Arc<Publication>]) -> bool {
+        let mut st = self.state.lock();
+        if !matches!(st.phase, Phase::Replaying { .. }) {
+            return false;
+        }
+        Self::queue_replay(&self.outbox, &mut st, page)
+    }
+
+    fn queue_replay(outbox: &Outbox, st: &mut SubState, page: &[Arc<Publication>]) -> bool {
+        for p in page {
             if p.seq > st.last_seq {
                 st.last_seq = p.seq;
-                self.outbox.push_replay(p.frame.clone());
+                if !outbox.push_replay(p.frame.clone()) {
+                    return false;
+                }
             }
         }
-        let buffered = match std::mem::replace(&mut st.phase, Phase::Live) {
-            Phase::Buffering(buf) => buf,
-            Phase::Live => Vec::new(),
-            Phase::Cancelled => {
-                st.phase = Phase::Cancelled;
-                return;
+        true
+    }
+
+    /// Switches to live delivery if the replay has queued every live publication
+    /// seen so far; called once history held nothing more. Under the subscription's
+    /// lock, so no publication falls between the replay and live (docs/architecture.md,
+    /// "The seam").
+    pub fn try_go_live(&self) -> Progress {
+        let mut st = self.state.lock();
+        match st.phase {
+            Phase::Replaying { live_max } if live_max > st.last_seq => {
+                Progress::Behind { after: st.last_seq }
             }
-        };
-        for p in &buffered {
-            if p.seq > st.last_seq {
-                st.last_seq = p.seq;
-                self.enqueue(&mut st, &p.frame);
+            Phase::Replaying { .. } => {
+                st.phase = Phase::Live;
+                Progress::Live
             }
+            Phase::Live => Progress::Live,
+            Phase::Cancelled => Progress::Cancelled,
         }
+    }
+
+    /// The highest seq queued to the client.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().last_seq
     }
 
     /// Stops delivery: nothing more is queued, and a queued conflated slot sends nothing.
     pub fn cancel(&self) {
         let mut st = self.state.lock();
         let was = std::mem::replace(&mut st.phase, Phase::Cancelled);
-        st.pending = None;
-        if self.conflated.is_some() && !matches!(was, Phase::Cancelled) {
-            self.outbox.count_conflated_channel(false);
+        if let (Some((slot, _)), false) = (&self.conflation, matches!(was, Phase::Cancelled)) {
+            self.outbox.close_slot(*slot);
         }
-    }
-
-    /// For the writer: the newest pending publication of a conflated subscription.
-    pub fn take_pending(&self) -> Option<Bytes> {
-        let mut st = self.state.lock();
-        st.queued = false;
-        st.pending.take()
     }
 }
 
@@ -213,22 +220,26 @@ impl Hub {
             }
         }
     }
-
-    /// Sends a non-publication frame (join/leave) to the channel's live subscribers.
-    pub fn broadcast(&self, channel: &Channel, frame: &Bytes) {
-        if let Some(list) = self.channels.read().get(channel) {
-            for sub in list {
-                sub.outbox.push(frame.clone());
-            }
-        }
-    }
 }
 
-impl LiveSink for Hub {
-    fn deliver(&self, publication: &Arc<Publication>) {
+impl Deliveries for Hub {
+    fn publication(&self, publication: &Arc<Publication>) {
         if let Some(list) = self.channels.read().get(&publication.channel) {
             for sub in list {
                 sub.offer(publication);
+            }
+        }
+    }
+
+    fn join_leave(&self, event: &JoinLeave) {
+        let Ok(channel) = Channel::parse(&event.channel) else {
+            return;
+        };
+        if let Some(list) = self.channels.read().get(&channel) {
+            // Encoded once for every subscriber of the channel.
+            let frame = crate::protocol::encode(event);
+            for sub in list {
+                sub.outbox.push(frame.clone());
             }
         }
     }
@@ -252,9 +263,6 @@ mod tests {
             .into_iter()
             .filter_map(|i| match i {
                 Item::Text(b) => Some(String::from_utf8(b.to_vec()).unwrap()),
-                Item::Conflated(sub) => sub
-                    .take_pending()
-                    .map(|b| String::from_utf8(b.to_vec()).unwrap()),
                 _ => None,
             })
             .collect()
@@ -267,28 +275,60 @@ mod tests {
             .collect()
     }
 
+    fn live(sub: &Subscription) {
+        sub.begin(bytes::Bytes::from_static(b"{}"), &[], 0);
+        assert_eq!(sub.try_go_live(), Progress::Live);
+    }
+
     #[test]
-    fn seam_skips_what_replay_already_sent_and_keeps_the_rest() {
+    fn seam_reads_on_past_what_live_saw_during_the_replay() {
         let ch = Channel::parse("t.a").unwrap();
         let hub = Hub::new();
         let outbox = Arc::new(Outbox::new(100, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         hub.add(Arc::clone(&sub));
-        // Published while history was being read: 5 and 6 are buffered...
-        hub.deliver(&publication(&ch, 5));
-        hub.deliver(&publication(&ch, 6));
-        // ...and history (read a moment later) already contains 4 and 5.
-        let replay = [publication(&ch, 4), publication(&ch, 5)];
-        sub.go_live(
+        // Published while history was being read: not queued, but remembered...
+        hub.publication(&publication(&ch, 5));
+        hub.publication(&publication(&ch, 6));
+        // ...so a first page that ends at 5 cannot go live yet.
+        let first = [publication(&ch, 4), publication(&ch, 5)];
+        assert!(sub.begin(
             bytes::Bytes::from_static(b"{\"type\":\"subscribed\"}"),
-            &replay,
-            3,
-        );
-        hub.deliver(&publication(&ch, 6)); // a late duplicate from the backbone
-        hub.deliver(&publication(&ch, 7));
+            &first,
+            3
+        ));
+        assert_eq!(sub.try_go_live(), Progress::Behind { after: 5 });
+        // The next page holds 6; a late duplicate of 5 is skipped.
+        assert!(sub.replay(&[publication(&ch, 5), publication(&ch, 6)]));
+        assert_eq!(sub.try_go_live(), Progress::Live);
+        hub.publication(&publication(&ch, 6)); // a late duplicate from the backbone
+        hub.publication(&publication(&ch, 7));
         let frames = drain(&outbox);
         assert!(frames[0].contains("subscribed"), "reply first");
         assert_eq!(seqs(&frames), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn replayed_frames_do_not_count_against_the_live_bound() {
+        let ch = Channel::parse("t.b").unwrap();
+        let other = Channel::parse("t.c").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(4, 1 << 20, 16));
+        let replaying = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
+        let live_sub = Subscription::new(other.clone(), Arc::clone(&outbox), None);
+        hub.add(Arc::clone(&replaying));
+        hub.add(Arc::clone(&live_sub));
+        live(&live_sub);
+        let page: Vec<_> = (1..=10).map(|s| publication(&ch, s)).collect();
+        assert!(replaying.begin(bytes::Bytes::from_static(b"{}"), &page, 0));
+        // Two replies and ten replayed frames queued: live frames on another channel
+        // still fit (the replies count, the replay does not: 2 + 2 = 4).
+        for seq in 11..=12 {
+            hub.publication(&publication(&other, seq));
+        }
+        assert!(!outbox.is_closing(), "the replay is outside the live bound");
+        hub.publication(&publication(&other, 13));
+        assert!(outbox.is_closing(), "the live bound still holds");
     }
 
     #[test]
@@ -298,18 +338,18 @@ mod tests {
         let outbox = Arc::new(Outbox::new(4, 1 << 20, 2));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), Some(Arc::default()));
         hub.add(Arc::clone(&sub));
-        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        live(&sub);
         drain(&outbox); // the reply
         for seq in 1..=50 {
-            hub.deliver(&publication(&ch, seq));
+            hub.publication(&publication(&ch, seq));
         }
         // 50 publications into an outbox bounded at 4 frames: no close; the first two
         // queue normally (backlog 2), then one slot holds the newest.
         assert!(!outbox.is_closing());
         assert_eq!(seqs(&drain(&outbox)), vec![1, 2, 50]);
         // A client that keeps up gets every publication.
-        hub.deliver(&publication(&ch, 51));
-        hub.deliver(&publication(&ch, 52));
+        hub.publication(&publication(&ch, 51));
+        hub.publication(&publication(&ch, 52));
         assert_eq!(seqs(&drain(&outbox)), vec![51, 52]);
     }
 
@@ -320,9 +360,9 @@ mod tests {
         let outbox = Arc::new(Outbox::new(3, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         hub.add(Arc::clone(&sub));
-        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        live(&sub);
         for seq in 1..=5 {
-            hub.deliver(&publication(&ch, seq));
+            hub.publication(&publication(&ch, seq));
         }
         let mut items = Vec::new();
         match outbox.take(&mut items, usize::MAX) {
@@ -342,16 +382,16 @@ mod tests {
         let outbox = Arc::new(Outbox::new(10, 1 << 20, 16));
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), Some(Arc::default()));
         hub.add(Arc::clone(&sub));
-        sub.go_live(bytes::Bytes::from_static(b"{}"), &[], 0);
+        live(&sub);
         drain(&outbox); // the reply
                         // Fill the backlog so the channel is conflating, then unsubscribe:
                         // the queued slot must not send the pending publication.
         for seq in 1..=20 {
-            hub.deliver(&publication(&ch, seq));
+            hub.publication(&publication(&ch, seq));
         }
         sub.cancel();
         hub.remove(&ch, sub.id);
-        hub.deliver(&publication(&ch, 21));
+        hub.publication(&publication(&ch, 21));
         assert_eq!(
             seqs(&drain(&outbox)),
             (1..=10).collect::<Vec<u64>>(),
@@ -368,11 +408,31 @@ mod tests {
             assert!(outbox.push_reply(bytes::Bytes::from(vec![b' '; 500])));
         }
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
-        sub.go_live(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0);
+        assert!(!sub.begin(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0));
         let mut items = Vec::new();
         match outbox.take(&mut items, usize::MAX) {
             Batch::Close(c) => assert_eq!(c.code, crate::protocol::close::SLOW_CONSUMER),
             Batch::Frames => panic!("expected a close"),
         }
+    }
+
+    #[test]
+    fn join_leave_reaches_the_channel_subscribers_only() {
+        let ch = Channel::parse("c.j").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(10, 1 << 20, 16));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
+        hub.add(Arc::clone(&sub));
+        let event = |channel: &str| JoinLeave {
+            kind: "join".into(),
+            channel: channel.into(),
+            user: "u".into(),
+            device: "d".into(),
+        };
+        hub.join_leave(&event("c.j"));
+        hub.join_leave(&event("c.other"));
+        let frames = drain(&outbox);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("\"channel\":\"c.j\""), "{frames:?}");
     }
 }

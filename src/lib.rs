@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod channel;
+pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod engine;

@@ -3,30 +3,18 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::auth::Verifier;
-use crate::config::{Config, ConfigError, EngineKind, NamespaceConfig};
+use crate::config::{Config, ConfigError, NamespaceConfig};
 use crate::connections::Connections;
-use crate::engine::memory::{unix_ms, MemoryBroker, MemoryControl, MemoryCursors, MemoryPresence};
-use crate::engine::nats::NatsBroker;
-use crate::engine::{redis, Broker, Engine, NodeInfo};
-use crate::feed::cache::{MemoryPrices, PriceCache, RedisPrices};
+use crate::engine::{Deliveries, Engine, LocalConnections};
+use crate::feed::cache::PriceCache;
 use crate::feed::Health;
 use crate::hub::Hub;
 use crate::server::origin::AllowedOrigins;
 use crate::shutdown::Shutdown;
-
-/// The address this node is reached at, as the registry shows it.
-fn advertised(config: &Config) -> String {
-    if config.server.advertise.is_empty() {
-        config.server.listen.to_string()
-    } else {
-        config.server.advertise.clone()
-    }
-}
 
 /// Shared state of one gateway process.
 pub struct Node {
@@ -87,50 +75,13 @@ impl Node {
         } else {
             config.server.node_id.clone()
         };
-        let broker: Arc<dyn Broker> = match config.engine.kind {
-            EngineKind::Memory => {
-                let broker = MemoryBroker::new(&config.namespaces, hub.clone());
-                broker.spawn_sweeper(Duration::from_secs(10));
-                broker
-            }
-            EngineKind::Nats => NatsBroker::connect(&config, hub.clone()).await?,
-        };
-        let engine = if !config.redis.enabled() {
-            if config.engine.kind == EngineKind::Nats {
-                tracing::warn!("no redis.url: presence, cursors and control stay node-local");
-            }
-            let me = NodeInfo {
-                id: id.clone(),
-                address: advertised(&config),
-                region: config.server.region.clone(),
-                connections: 0,
-                started_at: unix_ms(),
-                heartbeat_at: 0,
-            };
-            Engine {
-                broker,
-                presence: Arc::new(MemoryPresence::new(Arc::clone(&connections), &id)),
-                cursors: Arc::new(MemoryCursors::default()),
-                control: Arc::new(MemoryControl::new(
-                    Arc::clone(&connections),
-                    hub.clone(),
-                    me,
-                )),
-            }
-        } else {
-            let parts = redis::connect(&config, &id, hub.clone(), Arc::clone(&connections)).await?;
-            Engine {
-                broker,
-                presence: parts.presence,
-                cursors: parts.cursors,
-                control: parts.control,
-            }
-        };
-        let prices: Arc<dyn PriceCache> = if !config.redis.enabled() {
-            Arc::new(MemoryPrices::default())
-        } else {
-            RedisPrices::connect(&config.redis).await?
-        };
+        let (engine, prices) = crate::engine::build::node(
+            &config,
+            &id,
+            Arc::clone(&hub) as Arc<dyn Deliveries>,
+            Arc::clone(&connections) as Arc<dyn LocalConnections>,
+        )
+        .await?;
         Ok(Arc::new(Node {
             id,
             config,

@@ -41,6 +41,8 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The server hit an internal error (a bug) while serving the connection.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// A replay could not go on (the backbone stayed away): reconnect later with `since`.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const TOKEN_EXPIRED: u16 = 4002;
     /// Disconnected by an operator, or the token was revoked.
     pub const KICKED: u16 = 4003;
@@ -275,7 +277,7 @@ pub struct Subscribed<'a> {
     pub channel: &'a str,
     pub position: Position,
     pub recovered: bool,
-    pub replayed: usize,
+    pub replayed: u64,
     /// Acked namespaces without `since`: whether the device resumed from a stored cursor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stored_cursor: Option<bool>,

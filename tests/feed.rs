@@ -399,7 +399,7 @@ async fn a_tick_is_retried_with_its_msg_id_until_the_broker_is_back() {
     nats.stop();
     let broker = switchyard::engine::nats::NatsBroker::connect(
         &cluster_config(&nats, "feed"),
-        switchyard::hub::Hub::new(),
+        Arc::new(switchyard::engine::NoDeliveries),
     )
     .await
     .unwrap();

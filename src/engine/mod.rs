@@ -5,9 +5,11 @@
 //! The memory engine implements all three for one node; cluster engines plug in
 //! behind the same traits, so sessions and the hub never know which one runs.
 
+pub mod build;
 pub mod memory;
 pub mod nats;
 pub mod redis;
+pub mod revocations;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -126,15 +128,47 @@ pub enum HistoryFrom {
     Latest(usize),
 }
 
-/// A slice of a channel's history.
+/// Most publications, and most bytes of them, one read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl PageLimit {
+    /// As many as `messages`, whatever their size (a `history` reply).
+    pub fn messages(messages: usize) -> Self {
+        PageLimit {
+            messages,
+            bytes: usize::MAX,
+        }
+    }
+}
+
+/// The first page of a channel's history from some point.
 #[derive(Debug)]
 pub struct HistoryPage {
     pub publications: Vec<Arc<Publication>>,
-    /// The stream's current top for this channel: the last seq stored and the epoch.
+    /// The stream's top for this channel when read: the last seq stored and the epoch.
     pub position: Position,
-    /// For [`HistoryFrom::After`]: whether every publication after the position is
-    /// either in `publications` or provably never existed (DESIGN §4.3).
+    /// For [`HistoryFrom::After`] and [`HistoryFrom::Cursor`]: whether every publication
+    /// after the position is either in this read (this page and the `remaining`
+    /// after it) or provably never existed (docs/architecture.md, "Replay").
     pub complete: bool,
+    /// Publications of this read stored after the page (read them with
+    /// [`Broker::history_after`]); 0 when the page reached the end.
+    pub remaining: u64,
+}
+
+/// A later page of a replay.
+#[derive(Debug, Default)]
+pub struct ReplayPage {
+    pub publications: Vec<Arc<Publication>>,
+    /// Publications stored after this page when it was read; 0 at the end.
+    pub remaining: u64,
+    /// Publications after the requested seq were dropped (size or age) before they
+    /// were read: the replay cannot go on without a gap.
+    pub lost: bool,
 }
 
 /// Why an engine operation failed.
@@ -159,23 +193,63 @@ impl std::fmt::Display for EngineError {
     }
 }
 
-/// Receives live publications from the broker, in seq order per channel.
-pub trait LiveSink: Send + Sync {
-    /// Called once per publication per node.
-    fn deliver(&self, publication: &Arc<Publication>);
+/// What engines deliver to this node (the hub implements it): the one way
+/// anything comes up out of an engine.
+pub trait Deliveries: Send + Sync {
+    /// A live publication: once per publication per node, in seq order per channel.
+    fn publication(&self, publication: &Arc<Publication>);
+    /// A member joined or left a channel (namespaces with `join_leave`), from any node.
+    fn join_leave(&self, event: &JoinLeave);
+}
+
+/// Delivers nothing: for a process without clients (`switchyard feed`).
+pub struct NoDeliveries;
+
+impl Deliveries for NoDeliveries {
+    fn publication(&self, _: &Arc<Publication>) {}
+    fn join_leave(&self, _: &JoinLeave) {}
+}
+
+/// A user and its connections on this node as `(conn_id, device, since)`.
+pub type UserConnections = (Arc<str>, Vec<(Arc<str>, Arc<str>, u64)>);
+
+/// This node's open connections as engines act on them (the connection index
+/// implements it): control commands close them, the registry counts them.
+pub trait LocalConnections: Send + Sync {
+    /// Closes the user's connections (only `device`'s, if given) with 4003; returns how many.
+    fn kick_user(&self, user: &str, device: Option<&str>, reason: &str) -> usize;
+    /// Closes every connection authenticated with token id `jti` with 4003; returns how many.
+    fn kick_token(&self, jti: &str, reason: &str) -> usize;
+    /// Open connections.
+    fn count(&self) -> usize;
+    /// Every connection, by user (the presence heartbeat).
+    fn snapshot(&self) -> Vec<UserConnections>;
+    /// The user's connections on this node.
+    fn of_user(&self, user: &str, node: &str) -> Vec<ClientInfo>;
 }
 
 /// Stores, orders and delivers publications.
 pub trait Broker: Send + Sync {
     /// Stores a publication and delivers it live; returns its seq.
     fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>>;
-    /// Reads retained history, bounded by `limit`.
+    /// Reads retained history: at most `limit` publications in all (the newest of
+    /// them when there are more, and then not `complete`), the first `page` of
+    /// them now.
     fn history<'a>(
         &'a self,
         channel: &'a Channel,
         from: HistoryFrom,
         limit: usize,
+        page: PageLimit,
     ) -> BoxFuture<'a, Result<HistoryPage, EngineError>>;
+    /// Reads the publications stored after `after`, oldest first, a page at a time:
+    /// how a replay continues until it reaches live delivery.
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: u64,
+        page: PageLimit,
+    ) -> BoxFuture<'a, Result<ReplayPage, EngineError>>;
     /// Counts one more local subscription to `channel`; resolves once live
     /// publications of the channel reach this node's hub, so history read after it
     /// overlaps live delivery instead of leaving a gap.
@@ -373,7 +447,8 @@ pub trait Control: Send + Sync {
     fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>>;
     /// Whether a token id is revoked (a local lookup: no round trip per connect).
     fn is_revoked(&self, jti: &str) -> bool;
-    /// Delivers a join/leave event to the channel's subscribers on every node.
+    /// Delivers a join/leave event to the channel's subscribers on every node
+    /// (through each node's [`Deliveries`]).
     fn announce(&self, event: JoinLeave);
     /// Live nodes.
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>>;

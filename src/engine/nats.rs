@@ -20,12 +20,12 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use super::memory::unix_ms;
 use super::{
-    BackboneState, BoxFuture, Broker, EngineError, HistoryFrom, HistoryPage, LiveSink, Position,
-    Publication, PublishRequest, Published,
+    BackboneState, BoxFuture, Broker, Deliveries, EngineError, HistoryFrom, HistoryPage, PageLimit,
+    Position, Publication, PublishRequest, Published, ReplayPage,
 };
 use crate::channel::Channel;
+use crate::clock::unix_ms;
 use crate::config::{Config, ConfigError, NatsConfig, StreamStorage};
 
 /// Header with the publishing node's clock (Unix ms): the publication's `ts`.
@@ -53,6 +53,17 @@ impl NamespaceStream {
     }
 }
 
+/// Most messages asked of one batched direct get; a longer page takes several.
+const MAX_BATCH: usize = 10_000;
+
+/// What one batched direct get returned: `(seq, pending after it, message)` each,
+/// and how many of the subject's messages follow the batch.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<(u64, u64, async_nats::Message)>,
+    remaining: u64,
+}
+
 /// Names one incarnation of a stream: a recreated stream gets a new epoch.
 fn epoch_of(name: &str, created: impl std::fmt::Display) -> String {
     format!("{name}@{created}").replace(' ', "_")
@@ -73,7 +84,7 @@ pub struct NatsBroker {
     cfg: NatsConfig,
     namespaces: HashMap<String, NamespaceStream>,
     live: Mutex<HashMap<Channel, Live>>,
-    sink: Arc<dyn LiveSink>,
+    deliveries: Arc<dyn Deliveries>,
     /// Every stream was looked up at least once since start.
     checked: AtomicBool,
     /// The last connection error NATS reported (authorization, TLS, …).
@@ -117,7 +128,7 @@ fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Public
         let _ = span.set_parent(parent);
     }
     let _entered = span.enter();
-    t.sink.deliver(&Arc::new(publication));
+    t.deliveries.publication(&Arc::new(publication));
 }
 
 fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
@@ -170,7 +181,7 @@ impl NatsBroker {
     /// in the background: the node starts, and `/readyz` says what it waits for.
     pub async fn connect(
         config: &Config,
-        sink: Arc<dyn LiveSink>,
+        deliveries: Arc<dyn Deliveries>,
     ) -> Result<Arc<NatsBroker>, ConfigError> {
         let cfg = config.nats.clone();
         let servers = cfg
@@ -248,7 +259,7 @@ impl NatsBroker {
             cfg,
             namespaces,
             live: Mutex::new(HashMap::new()),
-            sink,
+            deliveries,
             checked: AtomicBool::new(false),
             last_error,
         });
@@ -332,99 +343,250 @@ impl NatsBroker {
         })
     }
 
+    /// One batched direct get (ADR-31): up to `page` messages of `subject` from
+    /// `start` on, in one request served by any replica, and how many more follow.
+    async fn direct_batch(
+        &self,
+        ns: &NamespaceStream,
+        subject: &str,
+        start: u64,
+        page: PageLimit,
+    ) -> Result<Batch, EngineError> {
+        #[derive(serde::Serialize)]
+        struct BatchRequest<'a> {
+            seq: u64,
+            next_by_subj: &'a str,
+            batch: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            max_bytes: Option<usize>,
+        }
+        let body = serde_json::to_vec(&BatchRequest {
+            seq: start.max(1),
+            next_by_subj: subject,
+            batch: page.messages.clamp(1, MAX_BATCH),
+            max_bytes: (page.bytes != usize::MAX).then_some(page.bytes),
+        })
+        .map_err(|e| unavailable("history", e))?;
+        let inbox = self.client.new_inbox();
+        let read = async {
+            let mut replies = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable("history", e))?;
+            self.client
+                .publish_with_reply(
+                    format!("$JS.API.DIRECT.GET.{}", ns.name),
+                    inbox,
+                    body.into(),
+                )
+                .await
+                .map_err(|e| unavailable("history", e))?;
+            let mut batch = Batch::default();
+            while let Some(m) = replies.next().await {
+                match m.status.map(|s| s.as_u16()) {
+                    None => {
+                        let headers = m.headers.as_ref();
+                        let seq = headers.and_then(|h| header_u64(h, "Nats-Sequence"));
+                        let Some(seq) = seq else { continue };
+                        batch.remaining = headers
+                            .and_then(|h| header_u64(h, "Nats-Num-Pending"))
+                            .unwrap_or(0);
+                        batch.messages.push((seq, batch.remaining, m));
+                    }
+                    // End of batch: what is left after it.
+                    Some(204) => {
+                        if let Some(h) = m.headers.as_ref() {
+                            batch.remaining = header_u64(h, "Nats-Num-Pending").unwrap_or(0);
+                        }
+                        return Ok(batch);
+                    }
+                    Some(404) => return Ok(batch),
+                    Some(code) => {
+                        let why = m.description.unwrap_or_default();
+                        return Err(unavailable("history", format!("status {code} {why}")));
+                    }
+                }
+            }
+            Err(unavailable("history", "reply subscription ended"))
+        };
+        tokio::time::timeout(self.cfg.request_timeout, read)
+            .await
+            .map_err(|_| unavailable("history", "timed out"))?
+    }
+
     async fn history_inner(
         &self,
         channel: &Channel,
         from: HistoryFrom,
         limit: usize,
+        page: PageLimit,
     ) -> Result<HistoryPage, EngineError> {
         let ns = self.namespace(channel)?;
         self.connected()?;
         let stream = ns.stream()?;
         let subject = self.subject(channel);
         let deadline = self.cfg.request_timeout;
-        let get = |seq: u64| {
-            let subject = subject.clone();
-            async move {
-                match tokio::time::timeout(
-                    deadline,
-                    stream.direct_get_next_for_subject(subject, Some(seq)),
-                )
-                .await
-                {
-                    Err(_) => Err(unavailable("history", "timed out")),
-                    Ok(Ok(m)) => Ok(Some(m)),
-                    Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-                    Ok(Err(e)) => Err(unavailable("history", e)),
-                }
-            }
+        let timed = |what| move |_| unavailable(what, "timed out");
+        let found = |r: Result<
+            async_nats::jetstream::message::StreamMessage,
+            stream::DirectGetError,
+        >| match r {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable("history", e)),
         };
-        let top = match tokio::time::timeout(
-            deadline,
-            stream.direct_get_last_for_subject(subject.clone()),
-        )
-        .await
-        {
-            Err(_) => return Err(unavailable("history", "timed out")),
-            Ok(Ok(m)) => m.sequence,
-            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
-            Ok(Err(e)) => return Err(unavailable("history", e)),
+        // Independent reads, in parallel: the top, the incarnation (asked each time: a
+        // stream recreated under a running node must not be mistaken for the one that
+        // positions refer to), and the oldest retained publication.
+        let (top, info, oldest) = tokio::join!(
+            tokio::time::timeout(
+                deadline,
+                stream.direct_get_last_for_subject(subject.clone())
+            ),
+            tokio::time::timeout(deadline, self.js.get_stream(&ns.name)),
+            tokio::time::timeout(
+                deadline,
+                stream.direct_get_first_for_subject(subject.clone())
+            ),
+        );
+        let top = found(top.map_err(timed("history"))?)?;
+        let info = info
+            .map_err(timed("history"))?
+            .map_err(|e| unavailable("history", e))?;
+        let oldest = found(oldest.map_err(timed("history"))?)?;
+        let info = info.cached_info();
+        let epoch = epoch_of(&ns.name, info.created);
+        let stream_first = info.state.first_sequence;
+        let top_seq = top.as_ref().map_or(0, |m| m.sequence);
+        let (after, resume, n) = match &from {
+            HistoryFrom::After(p) if p.epoch == epoch => (p.seq, Some(p.seq), limit),
+            HistoryFrom::After(_) => (0, None, limit),
+            HistoryFrom::Cursor(seq) => (*seq, Some(*seq), limit),
+            HistoryFrom::Latest(n) => (0, None, (*n).min(limit)),
         };
-        // Asked each time: a stream recreated under a running node must not be
-        // mistaken for the incarnation that positions refer to.
-        let (epoch, stream_first) =
-            match tokio::time::timeout(deadline, self.js.get_stream(&ns.name)).await {
-                Ok(Ok(s)) => {
-                    let info = s.cached_info();
-                    (epoch_of(&ns.name, info.created), info.state.first_sequence)
-                }
-                Ok(Err(e)) => return Err(unavailable("history", e)),
-                Err(_) => return Err(unavailable("history", "timed out")),
-            };
-        let (start, epoch_ok, resume) = match &from {
-            HistoryFrom::After(p) if p.epoch == epoch => {
-                (p.seq.saturating_add(1), true, Some(p.seq))
-            }
-            HistoryFrom::After(_) => (1, false, None),
-            HistoryFrom::Cursor(seq) => (seq.saturating_add(1), true, Some(*seq)),
-            HistoryFrom::Latest(_) => (1, true, None),
-        };
-        // Retention keeps at most history_size publications per channel, so this walk is bounded.
-        let mut publications = Vec::new();
-        let mut next = start;
-        while next <= top {
-            let Some(m) = get(next).await? else { break };
-            if m.sequence > top {
-                break;
-            }
-            if let Some(p) = publication(channel, m.sequence, Some(&m.headers), &m.payload) {
-                publications.push(Arc::new(p));
-            }
-            next = m.sequence.saturating_add(1);
-        }
-        let complete = match resume {
-            None => epoch_ok,
-            Some(after) => match get(1).await? {
+        let covered = match resume {
+            None => matches!(from, HistoryFrom::Latest(_)),
+            Some(after) => match &oldest {
                 // Retention drops the oldest first: if the oldest retained publication of
                 // the channel is at most one past `after`, nothing after it was dropped.
-                Some(oldest_retained) => after.saturating_add(1) >= oldest_retained.sequence,
+                Some(oldest) => after.saturating_add(1) >= oldest.sequence,
                 // Nothing of the channel is left (expired or purged): only a stream that
                 // dropped nothing after `after` proves there was nothing to miss.
                 None => stream_first <= after.saturating_add(1),
             },
         };
-        let n = match from {
-            HistoryFrom::Latest(n) => n.min(limit),
-            _ => limit,
+        let position = |seq: u64| Position {
+            seq: seq.max(top_seq),
+            epoch: epoch.clone(),
         };
-        let truncated = publications.len() > n;
-        if truncated {
-            publications.drain(..publications.len() - n);
+        // The newest one alone (a price snapshot) is the top just read.
+        if n == 1 && after < top_seq {
+            if let Some(m) = top.filter(|_| matches!(from, HistoryFrom::Latest(_))) {
+                let publications = publication(channel, m.sequence, Some(&m.headers), &m.payload)
+                    .map(|p| vec![Arc::new(p)])
+                    .unwrap_or_default();
+                return Ok(HistoryPage {
+                    publications,
+                    position: position(top_seq),
+                    complete: true,
+                    remaining: 0,
+                });
+            }
         }
+        if n == 0 || after >= top_seq {
+            return Ok(HistoryPage {
+                publications: Vec::new(),
+                position: position(top_seq),
+                complete: covered,
+                remaining: 0,
+            });
+        }
+        // Read pages; while more than `n` remain after a message, it is older than the
+        // newest `n` and skipped (retention bounds this walk).
+        let mut publications = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = after.saturating_add(1);
+        let mut truncated = false;
+        let mut remaining;
+        loop {
+            let batch = self.direct_batch(ns, &subject, next, page).await?;
+            remaining = batch.remaining;
+            let Some(last) = batch.messages.last().map(|(seq, _, _)| *seq) else {
+                break;
+            };
+            for (seq, left, m) in batch.messages {
+                if left >= n as u64 {
+                    truncated = true;
+                    continue;
+                }
+                if publications.len() >= page.messages
+                    || (!publications.is_empty() && bytes + m.payload.len() > page.bytes)
+                {
+                    // Counted back: this one and those after it are still to read.
+                    remaining = left + 1;
+                    break;
+                }
+                if let Some(p) = publication(channel, seq, m.headers.as_ref(), &m.payload) {
+                    bytes += p.frame.len();
+                    publications.push(Arc::new(p));
+                }
+            }
+            if !publications.is_empty() || remaining == 0 {
+                break;
+            }
+            next = last.saturating_add(1);
+        }
+        let last_read = publications.last().map_or(0, |p| p.seq);
         Ok(HistoryPage {
             publications,
-            position: Position { seq: top, epoch },
-            complete: complete && !(truncated && resume.is_some()),
+            position: position(last_read),
+            complete: covered && !(truncated && resume.is_some()),
+            remaining,
+        })
+    }
+
+    async fn history_after_inner(
+        &self,
+        channel: &Channel,
+        after: u64,
+        page: PageLimit,
+    ) -> Result<ReplayPage, EngineError> {
+        let ns = self.namespace(channel)?;
+        self.connected()?;
+        let stream = ns.stream()?;
+        let subject = self.subject(channel);
+        let deadline = self.cfg.request_timeout;
+        let (batch, oldest) = tokio::join!(
+            self.direct_batch(ns, &subject, after.saturating_add(1), page),
+            tokio::time::timeout(
+                deadline,
+                stream.direct_get_first_for_subject(subject.clone())
+            ),
+        );
+        let batch = batch?;
+        let lost = match oldest.map_err(|_| unavailable("history", "timed out"))? {
+            Ok(m) => m.sequence > after.saturating_add(1),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                // Nothing of the channel is left: lost if the stream dropped anything after.
+                let info = tokio::time::timeout(deadline, self.js.get_stream(&ns.name))
+                    .await
+                    .map_err(|_| unavailable("history", "timed out"))?
+                    .map_err(|e| unavailable("history", e))?;
+                info.cached_info().state.first_sequence > after.saturating_add(1)
+            }
+            Err(e) => return Err(unavailable("history", e)),
+        };
+        let publications = batch
+            .messages
+            .into_iter()
+            .filter_map(|(seq, _, m)| publication(channel, seq, m.headers.as_ref(), &m.payload))
+            .map(Arc::new)
+            .collect();
+        Ok(ReplayPage {
+            publications,
+            remaining: batch.remaining,
+            lost,
         })
     }
 
@@ -444,7 +606,7 @@ impl NatsBroker {
                     let task = tokio::spawn(run_live(LiveTask {
                         client: self.client.clone(),
                         stream: stream.clone(),
-                        sink: Arc::clone(&self.sink),
+                        deliveries: Arc::clone(&self.deliveries),
                         channel: channel.clone(),
                         subject: self.subject(channel),
                         live_subject: format!("{}.{channel}", self.cfg.live_prefix),
@@ -484,7 +646,7 @@ impl NatsBroker {
 struct LiveTask {
     client: async_nats::Client,
     stream: stream::Stream,
-    sink: Arc<dyn LiveSink>,
+    deliveries: Arc<dyn Deliveries>,
     channel: Channel,
     subject: String,
     live_subject: String,
@@ -592,8 +754,18 @@ impl Broker for NatsBroker {
         channel: &'a Channel,
         from: HistoryFrom,
         limit: usize,
+        page: PageLimit,
     ) -> BoxFuture<'a, Result<HistoryPage, EngineError>> {
-        Box::pin(self.history_inner(channel, from, limit))
+        Box::pin(self.history_inner(channel, from, limit, page))
+    }
+
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: u64,
+        page: PageLimit,
+    ) -> BoxFuture<'a, Result<ReplayPage, EngineError>> {
+        Box::pin(self.history_after_inner(channel, after, page))
     }
 
     fn watch<'a>(&'a self, channel: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>> {

@@ -12,8 +12,8 @@ use redis::Value;
 use serde::Serialize;
 
 use super::{seq_greater, Tick};
+use crate::clock::unix_ms;
 use crate::config::{ConfigError, RedisConfig};
-use crate::engine::memory::unix_ms;
 use crate::engine::redis::primary::Primary;
 use crate::engine::{BoxFuture, EngineError};
 
@@ -109,7 +109,7 @@ return 1
 /// Writes are coalesced (the newest per symbol, every 100 ms); reads fall back to
 /// what this process last saw while Redis is unreachable.
 pub struct RedisPrices {
-    primary: Primary,
+    primary: Arc<Primary>,
     prefix: String,
     local: Mutex<HashMap<String, CachedTick>>,
     pending: Mutex<HashMap<String, CachedTick>>,
@@ -119,16 +119,22 @@ const WRITE_EVERY: Duration = Duration::from_millis(100);
 
 impl RedisPrices {
     /// Connects lazily (the cache works from memory while Redis is down) and loads
-    /// what Redis holds.
+    /// what Redis holds: a process without the Redis engine (`switchyard feed`).
     pub async fn connect(cfg: &RedisConfig) -> Result<Arc<Self>, ConfigError> {
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.response_timeout))
             .set_number_of_retries(0);
-        let primary = Primary::new(cfg, manager)?;
+        let primary = Arc::new(Primary::new(cfg, manager)?);
+        Ok(Self::start(primary, &cfg.key_prefix).await)
+    }
+
+    /// The cache on a connection the engine already holds (a node: one connection
+    /// to the primary for both).
+    pub async fn start(primary: Arc<Primary>, key_prefix: &str) -> Arc<Self> {
         let prices = Arc::new(RedisPrices {
             primary,
-            prefix: cfg.key_prefix.clone(),
+            prefix: key_prefix.to_string(),
             local: Mutex::default(),
             pending: Mutex::default(),
         });
@@ -136,7 +142,7 @@ impl RedisPrices {
             tracing::warn!(error = %e, "latest prices not loaded from redis; serving what arrives");
         }
         tokio::spawn(writer(Arc::downgrade(&prices)));
-        Ok(prices)
+        prices
     }
 
     /// A connection to the primary (found through the sentinels when needed).

@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
+use crate::clock::unix_ms;
 use crate::config::FeedConfig;
-use crate::engine::memory::unix_ms;
 use crate::engine::{Broker, EngineError, PublishRequest};
 use crate::shutdown::Shutdown;
 use cache::PriceCache;

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::engine::memory::unix_ms;
+use crate::clock::unix_ms;
 
 /// What the simulator emits.
 #[derive(Debug, Clone)]

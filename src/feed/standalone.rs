@@ -13,12 +13,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::cache::{MemoryPrices, PriceCache, RedisPrices};
 use super::{Health, TickSink};
 use crate::config::{Config, ConfigError, EngineKind};
-use crate::engine::nats::NatsBroker;
 use crate::engine::Broker;
-use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 
 /// A running feed process.
@@ -52,13 +49,7 @@ pub async fn start(config: Config) -> Result<RunningFeed, ConfigError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ConfigError(format!("`feed.listen`: {e}")))?;
-    // The feed never subscribes: its hub stays empty.
-    let broker: Arc<dyn Broker> = NatsBroker::connect(&config, Hub::new()).await?;
-    let prices: Arc<dyn PriceCache> = if !config.redis.enabled() {
-        Arc::new(MemoryPrices::default())
-    } else {
-        RedisPrices::connect(&config.redis).await?
-    };
+    let (broker, prices) = crate::engine::build::feed(&config).await?;
     let health = Arc::new(Health::default());
     let shutdown = Shutdown::default();
     let sink = Arc::new(TickSink::new(

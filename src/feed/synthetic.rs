@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Dispatcher, LinkHealth, Tick, TickSink};
+use crate::clock::unix_ms;
 use crate::config::SyntheticConfig;
-use crate::engine::memory::unix_ms;
 use crate::shutdown::Shutdown;
 
 /// `cents` as a decimal string with two places.

@@ -16,8 +16,10 @@ use serde_json::value::RawValue;
 use tracing::Instrument;
 
 use super::{error, json, Body};
-use crate::engine::memory::unix_ms;
-use crate::engine::{ClientInfo, HistoryFrom, Position, PublicationList, PublishRequest};
+use crate::clock::unix_ms;
+use crate::engine::{
+    ClientInfo, HistoryFrom, PageLimit, Position, PublicationList, PublishRequest,
+};
 use crate::node::Node;
 use crate::protocol::code;
 use crate::request::{self, Refusal};
@@ -387,7 +389,11 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
                     return Err(Refusal::new(code::BAD_FIELD, "`epoch` needs `since`"))
                 }
             };
-            let page = node.engine.broker.history(&channel, from, limit).await?;
+            let page = node
+                .engine
+                .broker
+                .history(&channel, from, limit, PageLimit::messages(limit))
+                .await?;
             Ok(json(
                 StatusCode::OK,
                 &HistoryBody {

@@ -1,29 +1,48 @@
-//! The outbox: one connection's bounded queue of frames waiting for its writer.
+//! The outbox: one connection's bounded queue of frames waiting for its writer,
+//! and the connection's close decision.
 //!
-//! Producers (the hub's fan-out, the connection's own replies) never wait: a push
-//! either fits within the bounds or marks the connection for closing with 4008
-//! (DESIGN §4.6). Conflated subscriptions occupy at most one slot each: the slot
-//! points at the subscription, and the writer takes whatever is newest there.
+//! Producers (the hub's fan-out, the connection's own replies, a replay) never
+//! wait: a push either fits within the bounds or marks the connection for closing
+//! with 4008 (docs/architecture.md, "Slow consumers"). The outbox owns three
+//! kinds of room:
+//! - live publications, bounded by `session.outbox_messages` / `outbox_bytes`;
+//! - replayed publications, counted apart so a replay never trips the live bound
+//!   (a replay waits for [`Outbox::replay_room`] before it reads its next page);
+//! - conflation slots: one per conflated subscription, holding the newest
+//!   publication not yet written, queued at most once.
+//!
+//! The writer takes plain frames: nothing it takes points back into the hub.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::hub::Subscription;
+use crate::engine::PageLimit;
 use crate::protocol::close;
 
 /// Something the writer sends.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Item {
     /// A text frame (shared bytes: fan-out clones a refcount, not the payload).
     Text(Bytes),
-    /// The newest pending publication of a conflated subscription.
-    Conflated(Arc<Subscription>),
     /// A WebSocket ping.
     Ping,
     /// A WebSocket pong answering the client's ping.
+    Pong(Bytes),
+}
+
+/// What waits in the queue.
+enum Queued {
+    /// A live publication or a reply.
+    Text(Bytes),
+    /// A replayed publication (counted in `replay_frames`, not in the live bound).
+    Replay(Bytes),
+    /// A conflation slot: whatever is newest in it when the writer gets there.
+    Slot(usize),
+    Ping,
     Pong(Bytes),
 }
 
@@ -31,9 +50,9 @@ pub enum Item {
 enum Bound {
     /// Live publications: the frame and byte bounds.
     Live,
-    /// Replies and replays: twice the byte bound.
+    /// Replies: twice the byte bound.
     Reply,
-    /// Pings, pongs, conflated slots (one per subscription) and replays (see `push_replay`).
+    /// Pings and pongs.
     None,
 }
 
@@ -47,19 +66,46 @@ pub struct Closing {
     pub flush: bool,
 }
 
+/// One conflated subscription's slot.
+#[derive(Default)]
+struct Slot {
+    open: bool,
+    /// The newest publication not yet taken by the writer.
+    pending: Option<Bytes>,
+    /// Whether the slot is in the queue.
+    queued: bool,
+}
+
 struct State {
-    queue: VecDeque<Item>,
+    queue: VecDeque<Queued>,
+    /// Bytes of queued text frames (live, replies and replays).
     bytes: usize,
+    /// Replayed frames queued, and their bytes: outside the live bound.
+    replay_frames: usize,
+    replay_bytes: usize,
     closing: Option<Closing>,
-    /// Conflated subscriptions of this connection (scales the backlog that triggers conflation).
-    conflated_channels: usize,
+    slots: Vec<Slot>,
+    /// Open slots (scales the backlog that triggers conflation).
+    open_slots: usize,
+}
+
+impl State {
+    fn live_frames(&self) -> usize {
+        self.queue.len() - self.replay_frames
+    }
+
+    fn live_bytes(&self) -> usize {
+        self.bytes - self.replay_bytes
+    }
 }
 
 /// A bounded queue of outbound frames plus the connection's close decision.
 pub struct Outbox {
     state: Mutex<State>,
+    /// Wakes the writer.
     wake: Notify,
-    closed: Notify,
+    /// Wakes those waiting for a close decision or for replay room.
+    changed: Notify,
     max_messages: usize,
     max_bytes: usize,
     /// Backlog (frames) above which conflated subscriptions stop queueing every publication.
@@ -67,6 +113,7 @@ pub struct Outbox {
 }
 
 /// What the writer gets from [`Outbox::take`].
+#[derive(Debug, PartialEq, Eq)]
 pub enum Batch {
     /// Frames to send now (possibly none: then wait).
     Frames,
@@ -81,98 +128,174 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
+                replay_frames: 0,
+                replay_bytes: 0,
                 closing: None,
-                conflated_channels: 0,
+                slots: Vec::new(),
+                open_slots: 0,
             }),
             wake: Notify::new(),
-            closed: Notify::new(),
+            changed: Notify::new(),
             max_messages,
             max_bytes,
             conflate_backlog,
         }
     }
 
-    /// The bound in frames.
-    pub fn max_messages(&self) -> usize {
-        self.max_messages
+    /// How much one replay page may hold: half the outbox, so a page and the
+    /// live traffic of the connection's other subscriptions fit together.
+    pub fn replay_page(&self) -> PageLimit {
+        PageLimit {
+            messages: (self.max_messages / 2).max(1),
+            bytes: (self.max_bytes / 2).max(1),
+        }
     }
 
-    /// Queues a text frame; on overflow the connection is closed with 4008 and `false` returned.
+    /// Queues a live text frame; on overflow the connection is closed with 4008 and
+    /// `false` returned.
     pub fn push(&self, frame: Bytes) -> bool {
-        self.push_item(frame.len(), Item::Text(frame), Bound::Live)
+        self.push_item(frame.len(), Queued::Text(frame), Bound::Live)
     }
 
-    /// Queues a reply or replayed frame. A replay may exceed the live bounds (it is
-    /// limited by `max_replay`), so replies get headroom: twice the byte bound. A client
-    /// that keeps asking without reading still ends as a slow consumer.
+    /// Queues a reply. Replies get headroom (twice the byte bound) so an answer is
+    /// not lost behind a burst; a client that keeps asking without reading still
+    /// ends as a slow consumer.
     pub fn push_reply(&self, frame: Bytes) -> bool {
-        self.push_item(frame.len(), Item::Text(frame), Bound::Reply)
+        self.push_item(frame.len(), Queued::Text(frame), Bound::Reply)
     }
 
-    /// Queues a replayed publication. A replay is bounded by `max_replay` and may
-    /// exceed the outbox (a client catching up after 4008 needs exactly that); what
-    /// keeps memory bounded is [`Outbox::can_start_replay`].
+    /// Queues a replayed publication. Replays are paged (see [`Outbox::replay_room`]),
+    /// so these are bounded by a page, not by `max_replay`, and never count against
+    /// the live bound.
     pub fn push_replay(&self, frame: Bytes) -> bool {
-        self.push_item(frame.len(), Item::Text(frame), Bound::None)
-    }
-
-    /// Whether a new replay may start: not while the client has not read the bytes
-    /// already queued, so at most one oversized replay is ever pending.
-    pub fn can_start_replay(&self) -> bool {
-        self.state.lock().bytes <= self.max_bytes
-    }
-
-    /// Queues a text frame only while the backlog is short and the bounds allow it;
-    /// never closes the connection.
-    pub fn try_push_within_backlog(&self, frame: &Bytes) -> bool {
         let mut st = self.state.lock();
-        // The backlog allowed grows with the conflated channels: twenty symbols
-        // ticking at the same instant are a burst, not a client falling behind.
-        let backlog = self
-            .conflate_backlog
-            .saturating_mul(st.conflated_channels.max(1))
-            .min(self.max_messages);
-        if st.closing.is_some()
-            || st.queue.len() >= backlog
-            || st.bytes + frame.len() > self.max_bytes
-        {
+        if st.closing.is_some() {
             return false;
         }
         st.bytes += frame.len();
-        st.queue.push_back(Item::Text(frame.clone()));
+        st.replay_frames += 1;
+        st.replay_bytes += frame.len();
+        st.queue.push_back(Queued::Replay(frame));
         drop(st);
         self.wake.notify_one();
         true
     }
 
-    /// Counts one more (`true`) or one fewer conflated subscription on this connection.
-    pub fn count_conflated_channel(&self, added: bool) {
-        let mut st = self.state.lock();
-        st.conflated_channels = if added {
-            st.conflated_channels + 1
-        } else {
-            st.conflated_channels.saturating_sub(1)
-        };
+    /// Whether a new replay may start: not while the client has not read the bytes
+    /// already queued, so a client that subscribes without reading ends as a slow
+    /// consumer instead of holding a page per subscription.
+    pub fn can_start_replay(&self) -> bool {
+        self.state.lock().bytes <= self.max_bytes
     }
 
-    /// Queues a conflated subscription's slot. A subscription has at most one slot
-    /// queued, so these are bounded by `max_subscriptions` and never trip the bound.
-    pub fn push_conflated(&self, sub: Arc<Subscription>) -> bool {
-        self.push_item(0, Item::Conflated(sub), Bound::None)
+    /// Resolves `true` once at most half a page of replayed frames is unread (the
+    /// next page may be read), or `false` once the connection is closing.
+    pub async fn replay_room(&self) -> bool {
+        let low = self.replay_page();
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let st = self.state.lock();
+                if st.closing.is_some() {
+                    return false;
+                }
+                if st.replay_frames <= low.messages / 2 && st.replay_bytes <= low.bytes / 2 {
+                    return true;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// Opens a conflation slot for a conflated subscription.
+    pub fn open_slot(&self) -> usize {
+        let mut st = self.state.lock();
+        st.open_slots += 1;
+        if let Some(i) = st.slots.iter().position(|s| !s.open && !s.queued) {
+            st.slots[i].open = true;
+            return i;
+        }
+        st.slots.push(Slot {
+            open: true,
+            ..Slot::default()
+        });
+        st.slots.len() - 1
+    }
+
+    /// Closes a slot: a queued slot then sends nothing.
+    pub fn close_slot(&self, slot: usize) {
+        let mut st = self.state.lock();
+        if let Some(s) = st.slots.get_mut(slot) {
+            if s.open {
+                s.open = false;
+                s.pending = None;
+                st.open_slots -= 1;
+            }
+        }
+        if st.open_slots == 0 && st.slots.iter().all(|s| !s.queued) {
+            st.slots = Vec::new();
+        }
+    }
+
+    /// Queues a publication of a conflated subscription. A client that keeps up gets
+    /// every publication; once its backlog is long, the slot holds only the newest
+    /// (a replaced one is counted in `skipped`). Never closes the connection: a slot
+    /// is queued at most once, so slots are bounded by `max_subscriptions`.
+    pub fn push_conflated(&self, slot: usize, frame: &Bytes, skipped: &AtomicU64) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if st.closing.is_some() {
+            return;
+        }
+        // The backlog allowed grows with the conflated channels: twenty symbols
+        // ticking at the same instant are a burst, not a client falling behind.
+        let backlog = self
+            .conflate_backlog
+            .saturating_mul(st.open_slots.max(1))
+            .min(self.max_messages);
+        let Some(s) = st.slots.get_mut(slot).filter(|s| s.open) else {
+            return;
+        };
+        let short = st.queue.len() - st.replay_frames < backlog
+            && st.bytes - st.replay_bytes + frame.len() <= self.max_bytes;
+        if !s.queued && short {
+            st.bytes += frame.len();
+            st.queue.push_back(Queued::Text(frame.clone()));
+        } else {
+            if s.pending.replace(frame.clone()).is_some() {
+                skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            if s.queued {
+                return;
+            }
+            s.queued = true;
+            st.queue.push_back(Queued::Slot(slot));
+        }
+        drop(guard);
+        self.wake.notify_one();
     }
 
     /// Queues a ping or pong.
     pub fn push_control(&self, item: Item) -> bool {
-        self.push_item(0, item, Bound::None)
+        let queued = match item {
+            Item::Text(b) => Queued::Text(b),
+            Item::Ping => Queued::Ping,
+            Item::Pong(b) => Queued::Pong(b),
+        };
+        self.push_item(0, queued, Bound::None)
     }
 
-    fn push_item(&self, len: usize, item: Item, bound: Bound) -> bool {
+    fn push_item(&self, len: usize, item: Queued, bound: Bound) -> bool {
         let mut st = self.state.lock();
         if st.closing.is_some() {
             return false;
         }
         let over = match bound {
-            Bound::Live => st.queue.len() >= self.max_messages || st.bytes + len > self.max_bytes,
+            Bound::Live => {
+                st.live_frames() >= self.max_messages || st.live_bytes() + len > self.max_bytes
+            }
             Bound::Reply => st.bytes + len > 2 * self.max_bytes,
             Bound::None => false,
         };
@@ -202,10 +325,16 @@ impl Outbox {
         if !flush {
             st.queue.clear();
             st.bytes = 0;
+            st.replay_frames = 0;
+            st.replay_bytes = 0;
+            for s in &mut st.slots {
+                s.queued = false;
+                s.pending = None;
+            }
         }
         drop(st);
         self.wake.notify_one();
-        self.closed.notify_waiters();
+        self.changed.notify_waiters();
     }
 
     /// Whether a close has been decided.
@@ -216,11 +345,13 @@ impl Outbox {
     /// Resolves once a close has been decided.
     pub async fn closing(&self) {
         loop {
-            let notified = self.closed.notified();
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if self.is_closing() {
                 return;
             }
-            notified.await;
+            changed.await;
         }
     }
 
@@ -235,20 +366,48 @@ impl Outbox {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         let n = st.queue.len().min(max);
-        for item in st.queue.drain(..n) {
-            if let Item::Text(b) = &item {
-                st.bytes -= b.len();
+        let replay_before = st.replay_frames;
+        for queued in st.queue.drain(..n) {
+            match queued {
+                Queued::Text(b) => {
+                    st.bytes -= b.len();
+                    out.push(Item::Text(b));
+                }
+                Queued::Replay(b) => {
+                    st.bytes -= b.len();
+                    st.replay_frames -= 1;
+                    st.replay_bytes -= b.len();
+                    out.push(Item::Text(b));
+                }
+                Queued::Slot(i) => {
+                    if let Some(s) = st.slots.get_mut(i) {
+                        s.queued = false;
+                        if let Some(b) = s.pending.take() {
+                            out.push(Item::Text(b));
+                        }
+                    }
+                }
+                Queued::Ping => out.push(Item::Ping),
+                Queued::Pong(b) => out.push(Item::Pong(b)),
             }
-            out.push(item);
         }
         if st.queue.is_empty() {
             // Drained: an idle connection keeps no queue allocation.
             st.queue = VecDeque::new();
+            if st.open_slots == 0 {
+                st.slots = Vec::new();
+            }
         }
-        match &st.closing {
+        let batch = match &st.closing {
             Some(c) if st.queue.is_empty() => Batch::Close(c.clone()),
             _ => Batch::Frames,
+        };
+        let replay_taken = replay_before != st.replay_frames;
+        drop(guard);
+        if replay_taken {
+            self.changed.notify_waiters();
         }
+        batch
     }
 
     /// Frames currently queued.

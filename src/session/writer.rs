@@ -15,6 +15,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::outbox::{Batch, Closing, Item, Outbox};
+use crate::clock::unix_deadline;
 use crate::node::Node;
 use crate::protocol::{self, close};
 
@@ -122,12 +123,6 @@ fn encode_close(buf: &mut Vec<u8>, closing: &Closing) {
     encode_frame(buf, OpCode::Close, &payload);
 }
 
-/// Unix time in seconds as an `Instant` deadline (past times map to now).
-fn unix_deadline(unix_secs: u64, now: Instant) -> Instant {
-    let now_unix = crate::auth::unix_now();
-    now + Duration::from_secs(unix_secs.saturating_sub(now_unix))
-}
-
 /// Runs until the connection is closed or the socket fails. A panic while writing
 /// closes the connection with 1011, and the reader then cleans up.
 pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<Node>) {
@@ -175,11 +170,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node)
         for item in items {
             match item {
                 Item::Text(bytes) => encode_frame(&mut buf, OpCode::Text, &bytes),
-                Item::Conflated(sub) => {
-                    if let Some(bytes) = sub.take_pending() {
-                        encode_frame(&mut buf, OpCode::Text, &bytes)
-                    }
-                }
                 Item::Ping => encode_frame(&mut buf, OpCode::Ping, b""),
                 Item::Pong(payload) => encode_frame(&mut buf, OpCode::Pong, &payload),
             }

@@ -137,7 +137,7 @@ pub fn sign(claims: &Claims, secret: &str) -> String {
 }
 
 pub fn now() -> u64 {
-    auth::unix_now()
+    switchyard::clock::unix_now()
 }
 
 /// Claims for `user` expiring at `exp`, nothing else set.

@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{json_list, push_message, Store};
-use crate::channel::Channel;
-use crate::connections::{Connections, Revocations};
-use crate::engine::memory::unix_ms;
-use crate::engine::{BoxFuture, Control, EngineError, JoinLeave, NodeInfo};
-use crate::hub::Hub;
+use crate::clock::unix_ms;
+use crate::engine::revocations::Revocations;
+use crate::engine::{
+    BoxFuture, Control, Deliveries, EngineError, JoinLeave, LocalConnections, NodeInfo,
+};
 
 /// A command on the control channel.
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,8 +44,8 @@ struct Event {
 /// Control of the Redis engine.
 pub struct RedisControl {
     store: Arc<Store>,
-    hub: Arc<Hub>,
-    connections: Arc<Connections>,
+    deliveries: Arc<dyn Deliveries>,
+    connections: Arc<dyn LocalConnections>,
     revoked: Revocations,
     /// Join/leave events for the other nodes, published in batches by one task.
     events: mpsc::Sender<String>,
@@ -72,12 +72,16 @@ async fn publish_events(store: Arc<Store>, mut events: mpsc::Receiver<String>) {
 }
 
 impl RedisControl {
-    pub(super) fn new(store: Arc<Store>, hub: Arc<Hub>, connections: Arc<Connections>) -> Self {
+    pub(super) fn new(
+        store: Arc<Store>,
+        deliveries: Arc<dyn Deliveries>,
+        connections: Arc<dyn LocalConnections>,
+    ) -> Self {
         let (events, queued) = mpsc::channel(EVENT_QUEUE);
         tokio::spawn(publish_events(Arc::clone(&store), queued));
         RedisControl {
             store,
-            hub,
+            deliveries,
             connections,
             revoked: Revocations::default(),
             events,
@@ -154,10 +158,7 @@ impl RedisControl {
     }
 
     fn deliver(&self, event: &JoinLeave) {
-        if let Ok(channel) = Channel::parse(&event.channel) {
-            self.hub
-                .broadcast(&channel, &crate::protocol::encode(event));
-        }
+        self.deliveries.join_leave(event);
     }
 
     async fn publish(&self, channel: String, payload: String) -> Result<(), EngineError> {

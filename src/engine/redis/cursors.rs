@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{eval, Store};
 use crate::channel::Channel;
-use crate::engine::memory::unix_ms;
+use crate::clock::unix_ms;
 use crate::engine::{AckedSeq, BoxFuture, CursorRead, Cursors, DeviceCursor, EngineError};
 
 type Device = (Arc<str>, Arc<str>);

@@ -31,12 +31,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::memory::unix_ms;
-use super::EngineError;
+use super::{Deliveries, EngineError, LocalConnections};
 use crate::channel::Channel;
+use crate::clock::unix_ms;
 use crate::config::{Config, ConfigError, RedisConfig};
-use crate::connections::Connections;
-use crate::hub::Hub;
 use primary::Primary;
 
 /// Pushed messages (pub/sub) waiting for the control task; beyond this they are
@@ -368,7 +366,7 @@ struct Owned {
 
 /// The connection to Redis and what every Redis-backed part shares.
 pub struct Store {
-    primary: Primary,
+    primary: Arc<Primary>,
     keys: Keys,
     scripts: Scripts,
     cfg: RedisConfig,
@@ -381,11 +379,13 @@ pub struct Store {
     left: AtomicBool,
     /// Channel memberships of this node's connections, rewritten by the heartbeat.
     members: Mutex<HashMap<Channel, HashMap<Arc<str>, Owned>>>,
-    connections: Arc<Connections>,
+    connections: Arc<dyn LocalConnections>,
 }
 
 /// The Redis-backed parts of an engine.
 pub struct RedisParts {
+    /// The connection to the primary, for the price cache to share.
+    pub primary: Arc<Primary>,
     pub presence: Arc<RedisPresence>,
     pub cursors: Arc<RedisCursors>,
     pub control: Arc<RedisControl>,
@@ -687,8 +687,8 @@ impl NodeEntry {
 pub async fn connect(
     config: &Config,
     node_id: &str,
-    hub: Arc<Hub>,
-    connections: Arc<Connections>,
+    deliveries: Arc<dyn Deliveries>,
+    connections: Arc<dyn LocalConnections>,
 ) -> Result<RedisParts, ConfigError> {
     let cfg = &config.redis;
     let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_QUEUE);
@@ -699,10 +699,10 @@ pub async fn connect(
         .set_number_of_retries(0)
         .set_push_sender(move |info: PushInfo| push_tx.try_send(info))
         .set_automatic_resubscription();
-    let primary = Primary::new(cfg, manager_cfg)?;
+    let primary = Arc::new(Primary::new(cfg, manager_cfg)?);
 
     let store = Arc::new(Store {
-        primary,
+        primary: Arc::clone(&primary),
         keys: Keys::new(&cfg.key_prefix),
         scripts: Scripts::new(),
         cfg: cfg.clone(),
@@ -715,15 +715,15 @@ pub async fn connect(
     });
     let me = NodeEntry {
         id: node_id.to_string(),
-        address: if config.server.advertise.is_empty() {
-            config.server.listen.to_string()
-        } else {
-            config.server.advertise.clone()
-        },
+        address: config.server.advertised(),
         region: config.server.region.clone(),
         started_at: unix_ms(),
     };
-    let control = Arc::new(RedisControl::new(Arc::clone(&store), hub, connections));
+    let control = Arc::new(RedisControl::new(
+        Arc::clone(&store),
+        deliveries,
+        connections,
+    ));
     let cursors = RedisCursors::start(Arc::clone(&store));
     let presence = Arc::new(RedisPresence::new(Arc::clone(&store)));
 
@@ -742,6 +742,7 @@ pub async fn connect(
         me,
     ));
     Ok(RedisParts {
+        primary,
         presence,
         cursors,
         control,

@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::{json_list, Owned, Store};
 use crate::channel::Channel;
-use crate::engine::memory::unix_ms;
+use crate::clock::unix_ms;
 use crate::engine::{BoxFuture, ClientInfo, EngineError, Presence, PresencePage, PresenceStats};
 
 /// Presence of the Redis engine.

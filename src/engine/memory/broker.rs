@@ -1,34 +1,23 @@
-//! The in-process engine for a single node: a per-namespace sequence, bounded
-//! per-channel history (size and age), `msg_id` dedupe, presence and cursors.
+//! The memory engine's broker: a per-namespace sequence, bounded per-channel
+//! history (size and age) and `msg_id` dedupe, in this process.
 //!
 //! Seq assignment, storage and live delivery of one channel happen under that
 //! channel's lock, so every subscriber sees a channel in seq order.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::ops::Bound;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::{
-    AckedSeq, BoxFuture, Broker, ClientInfo, Control, CursorRead, Cursors, DeviceCursor,
-    EngineError, HistoryFrom, HistoryPage, JoinLeave, LiveSink, NodeInfo, Position, Presence,
-    PresencePage, PresenceStats, Publication, PublishRequest, Published,
-};
 use crate::channel::Channel;
+use crate::clock::unix_ms;
 use crate::config::NamespaceConfig;
-use crate::connections::{Connections, Revocations};
-use crate::hub::Hub;
-
-/// Current Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::engine::{
+    BoxFuture, Broker, Deliveries, EngineError, HistoryFrom, HistoryPage, PageLimit, Position,
+    Publication, PublishRequest, Published, ReplayPage,
+};
 
 #[derive(Default)]
 struct ChannelLog {
@@ -86,14 +75,14 @@ pub struct MemoryBroker {
     epoch: String,
     namespaces: HashMap<String, Namespace>,
     channels: Mutex<HashMap<Channel, Arc<Mutex<ChannelLog>>>>,
-    sink: Arc<dyn LiveSink>,
+    deliveries: Arc<dyn Deliveries>,
 }
 
 impl MemoryBroker {
     /// A broker for these namespaces delivering live publications to `sink`.
     pub fn new(
         namespaces: &std::collections::BTreeMap<String, NamespaceConfig>,
-        sink: Arc<dyn LiveSink>,
+        deliveries: Arc<dyn Deliveries>,
     ) -> Arc<Self> {
         let namespaces = namespaces
             .iter()
@@ -114,7 +103,7 @@ impl MemoryBroker {
             epoch: format!("mem-{:x}-{:04x}", unix_ms(), fastrand::u16(..)),
             namespaces,
             channels: Mutex::new(HashMap::new()),
-            sink,
+            deliveries,
         })
     }
 
@@ -208,7 +197,7 @@ impl MemoryBroker {
             d.order.push_back((now, key));
         }
         drop(dedupe);
-        self.sink.deliver(&publication);
+        self.deliveries.publication(&publication);
         Ok(Published {
             seq,
             duplicate: false,
@@ -220,6 +209,7 @@ impl MemoryBroker {
         channel: &Channel,
         from: HistoryFrom,
         limit: usize,
+        page: PageLimit,
     ) -> Result<HistoryPage, EngineError> {
         let ns = self.namespace(channel)?;
         let log = self.channels.lock().get(channel).cloned();
@@ -238,56 +228,82 @@ impl MemoryBroker {
                 publications: Vec::new(),
                 position: position(swept),
                 complete,
+                remaining: 0,
             });
         };
         let mut log = log.lock();
         log.trim(&ns.cfg, Instant::now());
         let trimmed = log.trimmed_through.max(swept);
-        let after = match &from {
-            HistoryFrom::After(p) if p.epoch == self.epoch => Some(p.seq),
-            HistoryFrom::After(_) => None,
-            HistoryFrom::Cursor(seq) => Some(*seq),
-            HistoryFrom::Latest(_) => Some(0),
+        // Where the read starts, and whether the retained history covers it.
+        let (after, covered, n) = match &from {
+            HistoryFrom::After(p) if p.epoch == self.epoch => (p.seq, p.seq >= trimmed, limit),
+            HistoryFrom::After(_) => (0, false, limit),
+            HistoryFrom::Cursor(seq) => (*seq, *seq >= trimmed, limit),
+            HistoryFrom::Latest(n) => (0, true, (*n).min(limit)),
         };
-        let (publications, complete) = match from {
-            HistoryFrom::After(_) | HistoryFrom::Cursor(_) => {
-                let (after, epoch_ok) = match after {
-                    Some(seq) => (seq, true),
-                    None => (0, false),
-                };
-                let newer: Vec<_> = log
-                    .entries
-                    .iter()
-                    .filter(|(_, pb)| pb.seq > after)
-                    .map(|(_, pb)| Arc::clone(pb))
-                    .collect();
-                let covered = epoch_ok && after >= trimmed;
-                if newer.len() > limit {
-                    // Too much to replay: send the newest part and say so.
-                    (newer[newer.len() - limit..].to_vec(), false)
-                } else {
-                    (newer, covered)
-                }
-            }
-            HistoryFrom::Latest(n) => {
-                let n = n.min(limit);
-                let skip = log.entries.len().saturating_sub(n);
-                (
-                    log.entries
-                        .iter()
-                        .skip(skip)
-                        .map(|(_, p)| Arc::clone(p))
-                        .collect(),
-                    true,
-                )
-            }
+        let newer = log.entries.len() - log.entries.partition_point(|(_, p)| p.seq <= after);
+        // More than `n` to read: the newest `n`, and (for a resume) say so.
+        let skip = log.entries.len() - newer + newer.saturating_sub(n);
+        let complete = match from {
+            HistoryFrom::Latest(_) => true,
+            _ => covered && newer <= n,
         };
+        let (publications, remaining) = take_page(log.entries.range(skip..), page);
         Ok(HistoryPage {
             publications,
             position: position(log.last_seq.max(swept)),
             complete,
+            remaining,
         })
     }
+
+    fn history_after_now(
+        &self,
+        channel: &Channel,
+        after: u64,
+        page: PageLimit,
+    ) -> Result<ReplayPage, EngineError> {
+        let ns = self.namespace(channel)?;
+        let swept = ns.swept_through.load(Ordering::Relaxed);
+        let Some(log) = self.channels.lock().get(channel).cloned() else {
+            return Ok(ReplayPage {
+                lost: swept > after,
+                ..ReplayPage::default()
+            });
+        };
+        let mut log = log.lock();
+        log.trim(&ns.cfg, Instant::now());
+        let lost = log.trimmed_through.max(swept) > after;
+        let start = log.entries.partition_point(|(_, p)| p.seq <= after);
+        let (publications, remaining) = take_page(log.entries.range(start..), page);
+        Ok(ReplayPage {
+            publications,
+            remaining,
+            lost,
+        })
+    }
+}
+
+/// The first page of `entries`, and how many are left after it.
+fn take_page<'a>(
+    entries: impl ExactSizeIterator<Item = &'a (Instant, Arc<Publication>)>,
+    page: PageLimit,
+) -> (Vec<Arc<Publication>>, u64) {
+    let total = entries.len();
+    let mut bytes = 0usize;
+    let mut publications = Vec::with_capacity(total.min(page.messages));
+    for (_, p) in entries {
+        // At least one per page, however large, so a replay always moves.
+        if publications.len() >= page.messages
+            || (!publications.is_empty() && bytes + p.frame.len() > page.bytes)
+        {
+            break;
+        }
+        bytes += p.frame.len();
+        publications.push(Arc::clone(p));
+    }
+    let remaining = (total - publications.len()) as u64;
+    (publications, remaining)
 }
 
 impl Broker for MemoryBroker {
@@ -301,8 +317,19 @@ impl Broker for MemoryBroker {
         channel: &'a Channel,
         from: HistoryFrom,
         limit: usize,
+        page: PageLimit,
     ) -> BoxFuture<'a, Result<HistoryPage, EngineError>> {
-        let result = self.history_now(channel, from, limit);
+        let result = self.history_now(channel, from, limit, page);
+        Box::pin(async move { result })
+    }
+
+    fn history_after<'a>(
+        &'a self,
+        channel: &'a Channel,
+        after: u64,
+        page: PageLimit,
+    ) -> BoxFuture<'a, Result<ReplayPage, EngineError>> {
+        let result = self.history_after_now(channel, after, page);
         Box::pin(async move { result })
     }
 
@@ -314,243 +341,22 @@ impl Broker for MemoryBroker {
     fn unwatch(&self, _channel: &Channel) {}
 }
 
-/// Presence of the memory engine.
-pub struct MemoryPresence {
-    channels: Mutex<HashMap<Channel, BTreeMap<String, ClientInfo>>>,
-    /// A user's connections are the node's own: the index answers for them.
-    connections: Arc<Connections>,
-    node: String,
-}
-
-impl MemoryPresence {
-    /// Presence of one node, answering user queries from its connection index.
-    pub fn new(connections: Arc<Connections>, node: &str) -> Self {
-        MemoryPresence {
-            channels: Mutex::default(),
-            connections,
-            node: node.to_string(),
-        }
-    }
-}
-
-impl Presence for MemoryPresence {
-    fn join(&self, channel: &Channel, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>> {
-        self.channels
-            .lock()
-            .entry(channel.clone())
-            .or_default()
-            .insert(info.conn_id.clone(), info);
-        Box::pin(async { Ok(()) })
-    }
-
-    fn leave<'a>(
-        &'a self,
-        channel: &'a Channel,
-        conn_id: &'a str,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        let mut channels = self.channels.lock();
-        if let Some(members) = channels.get_mut(channel) {
-            members.remove(conn_id);
-            if members.is_empty() {
-                channels.remove(channel);
-            }
-        }
-        Box::pin(async { Ok(()) })
-    }
-
-    fn page<'a>(
-        &'a self,
-        channel: &'a Channel,
-        cursor: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<PresencePage, EngineError>> {
-        let mut page = PresencePage::default();
-        if let Some(members) = self.channels.lock().get(channel) {
-            // Pages in conn_id order: the cursor is the last conn_id returned.
-            let from = match cursor {
-                Some(c) => Bound::Excluded(c.to_string()),
-                None => Bound::Unbounded,
-            };
-            let mut rest = members.range((from, Bound::Unbounded));
-            page.clients = rest.by_ref().take(limit).map(|(_, i)| i.clone()).collect();
-            if rest.next().is_some() {
-                page.next = page.clients.last().map(|i| i.conn_id.clone());
-            }
-        }
-        Box::pin(async move { Ok(page) })
-    }
-
-    fn stats<'a>(
-        &'a self,
-        channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<PresenceStats, EngineError>> {
-        let stats = match self.channels.lock().get(channel) {
-            Some(members) => {
-                let users: HashSet<&str> = members.values().map(|i| i.user.as_str()).collect();
-                PresenceStats {
-                    clients: members.len() as u64,
-                    users: users.len() as u64,
-                }
-            }
-            None => PresenceStats {
-                clients: 0,
-                users: 0,
-            },
-        };
-        Box::pin(async move { Ok(stats) })
-    }
-
-    fn connect(&self, _info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn disconnect<'a>(
-        &'a self,
-        _user: &'a str,
-        _conn_id: &'a str,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn user<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<ClientInfo>, EngineError>> {
-        let list = self.connections.of_user(user, &self.node);
-        Box::pin(async move { Ok(list) })
-    }
-}
-
-/// Cursors of the memory engine.
-#[derive(Default)]
-pub struct MemoryCursors {
-    cursors: Mutex<HashMap<(String, String, Channel), AckedSeq>>,
-}
-
-impl Cursors for MemoryCursors {
-    fn ack<'a>(
-        &'a self,
-        user: &'a str,
-        device: &'a str,
-        channel: &'a Channel,
-        at: AckedSeq,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        let mut cursors = self.cursors.lock();
-        match cursors.entry((user.to_string(), device.to_string(), channel.clone())) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().advance(at),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(at);
-            }
-        }
-        Box::pin(async { Ok(()) })
-    }
-
-    fn get<'a>(
-        &'a self,
-        user: &'a str,
-        device: &'a str,
-        channel: &'a Channel,
-    ) -> BoxFuture<'a, Result<CursorRead, EngineError>> {
-        let found = self
-            .cursors
-            .lock()
-            .get(&(user.to_string(), device.to_string(), channel.clone()))
-            .cloned();
-        Box::pin(async move { Ok(found.map_or(CursorRead::Absent, CursorRead::Found)) })
-    }
-
-    fn list<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<Vec<DeviceCursor>, EngineError>> {
-        let mut list: Vec<DeviceCursor> = self
-            .cursors
-            .lock()
-            .iter()
-            .filter(|((u, _, _), _)| u == user)
-            .map(|((_, device, channel), at)| DeviceCursor {
-                device: device.clone(),
-                channel: channel.to_string(),
-                seq: at.seq,
-                epoch: at.epoch.as_deref().map(str::to_string),
-            })
-            .collect();
-        list.sort_by(|a, b| (&a.device, &a.channel).cmp(&(&b.device, &b.channel)));
-        Box::pin(async move { Ok(list) })
-    }
-
-    fn flush(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// Control of the memory engine: commands act on this node's connections, and
-/// the registry is this node alone.
-pub struct MemoryControl {
-    connections: Arc<Connections>,
-    hub: Arc<Hub>,
-    revoked: Revocations,
-    me: NodeInfo,
-}
-
-impl MemoryControl {
-    /// Control for the node described by `me`.
-    pub fn new(connections: Arc<Connections>, hub: Arc<Hub>, me: NodeInfo) -> Self {
-        MemoryControl {
-            connections,
-            hub,
-            revoked: Revocations::default(),
-            me,
-        }
-    }
-}
-
-impl Control for MemoryControl {
-    fn disconnect<'a>(
-        &'a self,
-        user: &'a str,
-        device: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.connections
-            .kick_user(user, device, "disconnected by the server");
-        Box::pin(async { Ok(()) })
-    }
-
-    fn revoke<'a>(&'a self, jti: &'a str, until_ms: u64) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.revoked.add(jti, until_ms);
-        self.connections.kick_token(jti, "token revoked");
-        Box::pin(async { Ok(()) })
-    }
-
-    fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked.contains(jti)
-    }
-
-    fn announce(&self, event: JoinLeave) {
-        if let Ok(channel) = Channel::parse(&event.channel) {
-            self.hub
-                .broadcast(&channel, &crate::protocol::encode(&event));
-        }
-    }
-
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
-        let mut me = self.me.clone();
-        me.connections = self.connections.count() as u64;
-        me.heartbeat_at = unix_ms();
-        Box::pin(async move { Ok(vec![me]) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
 
-    struct Discard;
-    impl LiveSink for Discard {
-        fn deliver(&self, _: &Arc<Publication>) {}
-    }
-
     fn broker(cfg: NamespaceConfig) -> Arc<MemoryBroker> {
         let mut namespaces = BTreeMap::new();
         namespaces.insert("ns".to_string(), cfg);
-        MemoryBroker::new(&namespaces, Arc::new(Discard))
+        MemoryBroker::new(&namespaces, Arc::new(crate::engine::NoDeliveries))
     }
+
+    const ALL: PageLimit = PageLimit {
+        messages: usize::MAX,
+        bytes: usize::MAX,
+    };
 
     fn publish(b: &MemoryBroker, channel: &str, msg_id: Option<&str>) -> Published {
         b.publish_now(PublishRequest {
@@ -567,7 +373,7 @@ mod tests {
             seq,
             epoch: b.epoch().to_string(),
         });
-        b.history_now(&Channel::parse(channel).unwrap(), from, 100)
+        b.history_now(&Channel::parse(channel).unwrap(), from, 100, ALL)
             .unwrap()
     }
 
@@ -652,18 +458,74 @@ mod tests {
             seq: 5,
             epoch: "other".into(),
         });
-        let page = b.history_now(&ch, other, 100).unwrap();
+        let page = b.history_now(&ch, other, 100, ALL).unwrap();
         assert_eq!((page.complete, page.publications.len()), (false, 10));
         let bounded = HistoryFrom::After(Position {
             seq: 0,
             epoch: b.epoch().to_string(),
         });
-        let page = b.history_now(&ch, bounded, 4).unwrap();
+        let page = b.history_now(&ch, bounded, 4, ALL).unwrap();
         let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
         assert_eq!(
             (page.complete, seqs),
             (false, vec![7, 8, 9, 10]),
             "the newest part, flagged"
         );
+    }
+
+    #[test]
+    fn pages_continue_where_the_last_ended_and_report_what_is_left() {
+        let b = broker(NamespaceConfig {
+            history_size: 1000,
+            ..NamespaceConfig::default()
+        });
+        for _ in 0..10 {
+            publish(&b, "ns.a", None);
+        }
+        let ch = Channel::parse("ns.a").unwrap();
+        let from = HistoryFrom::After(Position {
+            seq: 2,
+            epoch: b.epoch().to_string(),
+        });
+        let first = b
+            .history_now(&ch, from, 100, PageLimit::messages(3))
+            .unwrap();
+        let seqs: Vec<u64> = first.publications.iter().map(|p| p.seq).collect();
+        assert_eq!(
+            (seqs, first.remaining, first.complete),
+            (vec![3, 4, 5], 5, true)
+        );
+        let next = b.history_after_now(&ch, 5, PageLimit::messages(3)).unwrap();
+        let seqs: Vec<u64> = next.publications.iter().map(|p| p.seq).collect();
+        assert_eq!((seqs, next.remaining, next.lost), (vec![6, 7, 8], 2, false));
+        // A byte bound smaller than one publication still returns one.
+        let tiny = PageLimit {
+            messages: 10,
+            bytes: 1,
+        };
+        assert_eq!(
+            b.history_after_now(&ch, 8, tiny)
+                .unwrap()
+                .publications
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_page_after_trimmed_publications_reports_them_lost() {
+        let b = broker(NamespaceConfig {
+            history_size: 3,
+            ..NamespaceConfig::default()
+        });
+        for _ in 0..6 {
+            publish(&b, "ns.a", None);
+        }
+        let ch = Channel::parse("ns.a").unwrap();
+        // 1..=3 were trimmed: a replay standing at 1 has lost 2 and 3.
+        assert!(b.history_after_now(&ch, 1, ALL).unwrap().lost);
+        let page = b.history_after_now(&ch, 3, ALL).unwrap();
+        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        assert_eq!((seqs, page.lost), (vec![4, 5, 6], false));
     }
 }
