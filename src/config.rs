@@ -156,6 +156,10 @@ pub struct SessionConfig {
     /// A socket write that makes no progress for this long drops the connection.
     #[serde(with = "duration")]
     pub write_timeout: Duration,
+    /// How long a replay retries a backbone that does not answer before it closes
+    /// the connection with 1013 (resubscribe with `since` later).
+    #[serde(with = "duration")]
+    pub replay_retry_for: Duration,
 }
 
 impl Default for SessionConfig {
@@ -173,6 +177,7 @@ impl Default for SessionConfig {
             rate_bytes_per_sec: 1 << 20,
             rate_violations_before_close: 20,
             write_timeout: Duration::from_secs(10),
+            replay_retry_for: Duration::from_secs(30),
         }
     }
 }

@@ -172,6 +172,7 @@ impl Session {
                 Arc::clone(&sub),
                 page_limit,
                 page.remaining == 0,
+                node.config.session.replay_retry_for,
             );
             Some(tokio::spawn(task))
         } else {

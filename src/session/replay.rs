@@ -14,21 +14,19 @@ use crate::engine::{Broker, PageLimit};
 use crate::hub::{Progress, Subscription};
 use crate::protocol::close;
 
-/// How long a replay keeps retrying a backbone that does not answer before it
-/// closes the connection (1013: resubscribe with `since` later).
-const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
-
 /// Longest pause between reads when history has not yet caught up with what
 /// live delivery showed (a replica a moment behind), and between failed reads.
 const MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// Reads the rest of a replay into `sub`'s outbox and switches it to live.
-/// `at_end`: the first page reached the end of what was stored.
+/// `at_end`: the first page reached the end of what was stored. A backbone that
+/// fails every read for `retry_for` closes the connection with 1013.
 pub async fn catch_up(
     broker: Arc<dyn Broker>,
     sub: Arc<Subscription>,
     limit: PageLimit,
     mut at_end: bool,
+    retry_for: Duration,
 ) {
     let outbox = Arc::clone(&sub.outbox);
     let mut pause = Duration::ZERO;
@@ -71,7 +69,7 @@ pub async fn catch_up(
             }
             Err(e) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= GIVE_UP_AFTER {
+                if since.elapsed() >= retry_for {
                     tracing::warn!(channel = %sub.channel, error = %e, "replay abandoned");
                     let why = "replay interrupted: backbone unavailable; resubscribe with since";
                     outbox.close(close::TRY_AGAIN_LATER, why, true);

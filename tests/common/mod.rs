@@ -90,6 +90,15 @@ pub fn config() -> Config {
         }),
     );
     c.namespaces.insert(
+        "backlog".into(),
+        ns(|n| {
+            n.history_size = 100_000;
+            n.max_replay = 100_000;
+            n.client_publish = true;
+            n.allow = vec![Sub, Pub, History];
+        }),
+    );
+    c.namespaces.insert(
         "trim".into(),
         ns(|n| {
             n.history_size = 5;
