@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test api-contract build fmt lint bench bench-nats bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test api-contract build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -51,9 +51,10 @@ fmt:
 	cargo fmt --all
 
 ## Load benchmark: node pinned to CPU 0, load generator to CPU 1 (see examples/bench.rs).
-bench: build
+bench: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && taskset -c 1 target/release/examples/bench
+	BENCH_TARGET=replay NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 ## The same load against nats-server's own WebSocket listener, for comparison.
 bench-nats: build $(NATS_SERVER)
@@ -61,6 +62,11 @@ bench-nats: build $(NATS_SERVER)
 	ulimit -n 20000 && BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 ## The fan-out on a local 3-node cluster (nats-server + 3 nodes on CPU 0).
+## Replay on the NATS engine: 1,000 missed publications and a 100,000 catch-up, on another node.
+bench-replay: build $(NATS_SERVER)
+	cargo build --release --example bench
+	BENCH_TARGET=replay NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
 bench-cluster: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=cluster NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench

@@ -22,6 +22,13 @@
 //! comparison our targets are phrased against. Subscribers speak NATS over
 //! WebSocket; the publisher uses NATS over TCP.
 //!
+//! BENCH_TARGET=replay measures replay on the NATS engine (`make bench-replay`):
+//! nats-server and two nodes on CPU 0; publications written through node A,
+//! replayed to a subscriber on node B that resumes with `since`: 1,000 missed
+//! publications (time from the `subscribe` frame to the last replayed `msg`,
+//! BENCH_REPLAY_ROUNDS rounds), and a 100,000-publication catch-up (rate), with
+//! the CPU of the servers and of this load generator.
+//!
 //! Latency is measured on this process's clock from just before the publish frame is
 //! written to when a subscriber task has read the frame, so it includes the load
 //! generator's own scheduling delay: an upper bound for the server's share.
@@ -74,7 +81,6 @@ impl Node {
     fn start(env: &[(&str, String)]) -> Node {
         let mut child = Command::new("taskset")
             .args(["-c", "0", BIN, "--config", CONFIG, "serve"])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("SWITCHYARD_SERVER__LISTEN", "127.0.0.1:0")
             .env("SWITCHYARD_SERVER__MAX_CONNECTIONS_PER_USER", "1000000")
             .env("SWITCHYARD_SESSION__OUTBOX_MESSAGES", "8192")
@@ -86,6 +92,8 @@ impl Node {
             .env("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "16")
             .env("SWITCHYARD_LOG__JSON", "true")
             .env("SWITCHYARD_LOG__LEVEL", "info")
+            // Last, so a bench's own settings win.
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
             .spawn()
@@ -557,12 +565,197 @@ async fn fan_out(
     );
 }
 
+/// Writes `n` publications on `channel` through `writers` pipelined connections to `addr`.
+async fn write_publications(
+    target: &Target,
+    addr: SocketAddr,
+    channel: &str,
+    n: u64,
+    writers: u64,
+) {
+    let per = n / writers;
+    let tasks = (0..writers).map(|_| async move {
+        let mut p = Publisher::open(target, addr, per).await;
+        for _ in 0..per {
+            p.publish(channel).await;
+        }
+        assert_eq!(p.finish(per).await, per, "every publication acknowledged");
+    });
+    futures_util::future::join_all(tasks).await;
+}
+
+/// This process's user + system CPU seconds.
+fn own_cpu_secs() -> f64 {
+    Node::attach(SocketAddr::from(([127, 0, 0, 1], 0)), std::process::id()).cpu_secs()
+}
+
+/// Subscribes on `addr` from `since` and reads until `n` publications arrived, in
+/// order; returns the time from the `subscribe` frame to the last one.
+async fn replay(
+    token: &str,
+    addr: SocketAddr,
+    channel: &str,
+    since: u64,
+    epoch: &str,
+    n: u64,
+) -> Duration {
+    let url = format!("ws://{addr}/ws?token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let frame = format!(
+        r#"{{"type":"subscribe","channel":"{channel}","since":{{"seq":{since},"epoch":"{epoch}"}}}}"#
+    );
+    let started = Instant::now();
+    ws.send(Message::text(frame)).await.expect("send");
+    let mut got = 0u64;
+    let mut last = since;
+    while got < n {
+        let Some(Ok(Message::Text(t))) = ws.next().await else {
+            panic!("the replay ended after {got} of {n}");
+        };
+        // Only the seq is read: no JSON parse per publication on the generator.
+        if t.starts_with(r#"{"type":"msg""#) {
+            let seq = number_after(&t, "\"seq\":").expect("a seq");
+            assert!(seq > last, "in order: {seq} after {last}");
+            last = seq;
+            got += 1;
+        } else if t.contains("\"subscribed\"") {
+            if std::env::var("BENCH_DEBUG").is_ok() {
+                eprintln!("subscribed after {:?}", started.elapsed());
+            }
+        } else if !t.contains("\"welcome\"") {
+            panic!("unexpected frame: {t}");
+        }
+    }
+    started.elapsed()
+}
+
+/// Waits until the node's `/readyz` answers 200 (its streams are looked up).
+async fn wait_ready(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let req = "GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+            let mut head = [0u8; 12];
+            if s.write_all(req.as_bytes()).await.is_ok()
+                && s.read_exact(&mut head).await.is_ok()
+                && head.ends_with(b"200")
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("node {addr} not ready within 30 s");
+}
+
+/// The stream epoch of `channel`, from a `history` reply on `addr`.
+async fn epoch_of(token: &str, addr: SocketAddr, channel: &str) -> String {
+    let url = format!("ws://{addr}/ws?token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let frame = format!(r#"{{"type":"history","channel":"{channel}","limit":1}}"#);
+    ws.send(Message::text(frame)).await.expect("send");
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            if t.contains("\"history\"") {
+                let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+                return v["position"]["epoch"]
+                    .as_str()
+                    .expect("an epoch")
+                    .to_string();
+            }
+        }
+    }
+    panic!("no history reply");
+}
+
+async fn replay_bench(nats_bin: &str, token: String) {
+    let (nats, tcp) = Node::start_nats(nats_bin, true);
+    let url = format!("nats://{tcp}");
+    let node = |id: &str| {
+        Node::start(&[
+            ("SWITCHYARD_ENGINE__KIND", "nats".into()),
+            ("SWITCHYARD_NATS__URL", url.clone()),
+            ("SWITCHYARD_SERVER__NODE_ID", id.into()),
+            (
+                "SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE",
+                "200000".into(),
+            ),
+            ("SWITCHYARD_NAMESPACES__BENCH__MAX_REPLAY", "200000".into()),
+            ("SWITCHYARD_NAMESPACES__BENCH__HISTORY_TTL", "1h".into()),
+            // The default outbox, as a client gets it.
+            ("SWITCHYARD_SESSION__OUTBOX_MESSAGES", "1024".into()),
+            ("SWITCHYARD_SESSION__OUTBOX_BYTES", "1048576".into()),
+        ])
+    };
+    let (a, b) = (node("a"), node("b"));
+    wait_ready(a.addr).await;
+    wait_ready(b.addr).await;
+    let target = Target::Switchyard {
+        token: token.clone(),
+    };
+    println!(
+        "bench: replay on the nats engine: nats-server (pid {}) and nodes a (pid {}), b (pid {}) on CPU 0; written through a, replayed on b",
+        nats.pid(),
+        a.pid(),
+        b.pid()
+    );
+
+    // 1,000 missed publications, resumed on the other node.
+    let rounds = env_num("BENCH_REPLAY_ROUNDS", 20);
+    let channel = "bench.missed";
+    write_publications(&target, a.addr, channel, 1, 1).await;
+    let epoch = epoch_of(&token, b.addr, channel).await;
+    let mut since = 1u64;
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        write_publications(&target, a.addr, channel, 1000, 1).await;
+        times.push(replay(&token, b.addr, channel, since, &epoch, 1000).await);
+        since += 1000;
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "replay: 1000 missed publications on another node, {rounds} rounds: p50 {:.1} ms, max {:.1} ms (subscribe frame to the last msg)",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    );
+
+    // A 100,000-publication catch-up.
+    let n = env_num("BENCH_CATCH_UP", 100_000);
+    let channel = "bench.backlog";
+    write_publications(&target, a.addr, channel, n, 10).await;
+    let epoch = epoch_of(&token, b.addr, channel).await;
+    let (b0, nats0) = (b.cpu_secs(), nats.cpu_secs());
+    let own0 = own_cpu_secs();
+    let took = replay(&token, b.addr, channel, 0, &epoch, n).await;
+    let (node_cpu, nats_cpu) = (b.cpu_secs() - b0, nats.cpu_secs() - nats0);
+    let own = own_cpu_secs() - own0;
+    let secs = took.as_secs_f64();
+    println!(
+        "replay: {n}-publication catch-up on another node: {:.0} publications/s ({:.2} s); CPU: node b {:.2} s, nats-server {:.2} s, load generator {:.2} s ({:.0} % of one core){}",
+        n as f64 / secs,
+        secs,
+        node_cpu,
+        nats_cpu,
+        own,
+        100.0 * own / secs,
+        if own / secs > 0.8 { " — the generator was the bottleneck" } else { "" }
+    );
+    drop(a);
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     epoch();
     let config =
         Config::load(Some(std::path::Path::new(CONFIG))).expect("the shipped config loads");
-    let caps = vec![switchyard::auth::parse_cap("bench.>=sub+pub").expect("a valid capability")];
+    let caps =
+        vec![switchyard::auth::parse_cap("bench.>=sub+pub+history").expect("a valid capability")];
     let token =
         switchyard::auth::mint(&config, "bench", Duration::from_secs(3600), caps).expect("a token");
 
@@ -570,6 +763,7 @@ async fn main() {
     let subs = env_num("BENCH_SUBS", 1000) as usize;
     let (rate, secs) = (env_num("BENCH_RATE", 500), env_num("BENCH_SECS", 6));
     match std::env::var("BENCH_TARGET").as_deref() {
+        Ok("replay") => replay_bench(&nats_bin, token).await,
         Ok("nats") => {
             let (node, tcp) = Node::start_nats(&nats_bin, false);
             let target = Target::Nats { tcp };

@@ -15,7 +15,6 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
@@ -353,7 +352,9 @@ impl Session {
         #[cfg(feature = "test-hooks")]
         if let Some(target) = text.strip_prefix("test-panic:") {
             if target == "writer" {
-                self.link.panic_writer.store(true, Ordering::Relaxed);
+                self.link
+                    .panic_writer
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.link.outbox.push_control(outbox::Item::Ping);
                 return;
             }
