@@ -1,4 +1,4 @@
-//! Channel names (DESIGN §2): validation, the namespace, and the NATS-style
+//! Channel names (docs/protocol.md, "Channels"): validation, the namespace, and the NATS-style
 //! patterns (`*` one token, `>` the tail) that capabilities grant.
 
 use std::fmt;

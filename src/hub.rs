@@ -1,10 +1,12 @@
-//! The hub: this node's subscription index (channel → local subscriptions) and
-//! the fan-out of live publications to them.
+//! The hub: this node's subscription index (channel → local subscriptions), the
+//! fan-out of live publications and join/leave events to them (it implements
+//! [`Deliveries`], the one way engines deliver), and each subscription's phase.
 //!
-//! A [`Subscription`] joins the hub *buffering*: live publications are held while
-//! its history is read, then [`Subscription::go_live`] sends the replay and the
-//! buffered publications after it, under the subscription's own lock, so the seam
-//! between history and live has no gap and no duplicate (DESIGN §4.2).
+//! A [`Subscription`] joins the hub *replaying*: live publications are not queued
+//! but remembered, while its replay is queued page by page; it switches to live
+//! under its own lock only once the replay has passed every live seq seen, so the
+//! seam between history and live has no gap and no duplicate
+//! (docs/architecture.md, "The seam").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -31,7 +31,7 @@ pub fn init(cfg: &LogConfig) {
         fmt.with_filter(filter).boxed()
     };
     // Spans are created whatever the log level, so trace context propagates even when
-    // logs are quiet. Exporting them (OTLP) is configured separately (DESIGN §8).
+    // logs are quiet. Exporting them (OTLP) is configured separately (issue #11).
     let provider = PROVIDER.get_or_init(|| SdkTracerProvider::builder().build());
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("switchyard"))

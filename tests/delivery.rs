@@ -1,4 +1,4 @@
-//! Delivery guarantees of DESIGN §4.1–§4.5 on the memory engine.
+//! Delivery guarantees of docs/protocol.md ("Subscribing and recovery") on the memory engine.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Slow consumers (DESIGN §4.6): a bounded outbox closes a stalled client with
+//! Slow consumers (docs/protocol.md, "Slow consumers"): a bounded outbox closes a stalled client with
 //! 4008 on ordinary channels, conflates on `conflate` channels, and never
 //! delays the fast clients on the same channel.
 

@@ -306,7 +306,7 @@ pub struct PresenceStats {
     pub users: u64,
 }
 
-/// Who is subscribed to which channel, and which users are connected (DESIGN §2).
+/// Who is subscribed to which channel, and which users are connected.
 pub trait Presence: Send + Sync {
     /// Records a connection as a member of `channel`.
     fn join(&self, channel: &Channel, info: ClientInfo) -> BoxFuture<'_, Result<(), EngineError>>;
@@ -435,7 +435,7 @@ pub struct NodeInfo {
 }
 
 /// Commands that act on connections wherever they are, the node registry, and
-/// join/leave events (DESIGN §5 control bus).
+/// join/leave events (docs/architecture.md, "Redis": control).
 pub trait Control: Send + Sync {
     /// Closes the user's connections (one device's, if given) on every node with 4003.
     fn disconnect<'a>(

@@ -1,4 +1,4 @@
-//! The price feed (DESIGN §7): connectors turn exchange ticks into publications
+//! The price feed (docs/feed.md): connectors turn exchange ticks into publications
 //! on `<namespace>.<SYMBOL>` and keep the latest price per symbol.
 //!
 //! Each tick is published with `msg_id = <source>:<SYMBOL>:<exchange sequence>`,

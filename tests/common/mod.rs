@@ -765,7 +765,7 @@ const SEAM_PER_PUBLISHER: usize = 600;
 const SEAM_SUBSCRIBERS: usize = 10;
 const SEAM_ROUNDS: usize = 3;
 
-/// The seam check (DESIGN §4.2): SEAM_PUBLISHERS race on `channel` through the
+/// The seam check (docs/architecture.md, "The seam"): SEAM_PUBLISHERS race on `channel` through the
 /// nodes at `addrs` while subscribers join any node at random `since` positions
 /// and reconnect to random nodes from where they stopped. Each must see exactly
 /// the channel's publications after its first `since`, in order, with the data a

@@ -13,7 +13,8 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{eval, Store};
+use super::scripts::eval;
+use super::Store;
 use crate::channel::Channel;
 use crate::clock::unix_ms;
 use crate::engine::{AckedSeq, BoxFuture, CursorRead, Cursors, DeviceCursor, EngineError};

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use redis::Value;
 
-use super::{json_list, Owned, Store};
+use super::store::Owned;
+use super::{json_list, Store};
 use crate::channel::Channel;
 use crate::clock::unix_ms;
 use crate::engine::{BoxFuture, ClientInfo, EngineError, Presence, PresencePage, PresenceStats};

@@ -1,0 +1,2 @@
+-- Removes an entry. ARGV: id.
+return forget(ARGV[1])
