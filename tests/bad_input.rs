@@ -295,13 +295,44 @@ async fn extreme_positions_are_handled() {
         .call(json!({"type": "subscribe", "channel": "open.edge", "since": {"seq": max, "epoch": epoch}}), "subscribed")
         .await;
     assert_eq!(r["replayed"], 0);
-    c.call(json!({"type": "history", "channel": "open.edge", "since": {"seq": max, "epoch": epoch}, "limit": max}), "history")
+    let h = c
+        .call(json!({"type": "history", "channel": "open.edge", "since": {"seq": max, "epoch": epoch}, "limit": max}), "history")
         .await;
-    c.call(
-        json!({"type": "subscribe", "channel": "open.edge2", "snapshot": max}),
-        "subscribed",
-    )
-    .await;
+    assert_eq!(
+        h["publications"],
+        json!([]),
+        "nothing after the largest seq"
+    );
+    // The largest limit and snapshot are honoured as "all there is", capped by the
+    // namespace (max_replay, history_size), not refused and not overflowed.
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(c.publish("open.edge2", json!(i)).await);
+    }
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge2", "limit": max}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs);
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge2", "limit": 2}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs[1..], "limit 2: the newest two");
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": "open.edge2", "snapshot": max}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(r["replayed"], 3);
+    for want in &seqs {
+        assert_eq!(c.recv_type("msg").await["seq"], *want);
+    }
     let (r, _) = c
         .request(json!({"type": "ack", "channel": "open.edge", "seq": max}))
         .await;

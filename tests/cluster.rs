@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::scenarios::{seam_check, snapshot_check};
 use common::*;
 use serde_json::json;
 
@@ -521,10 +522,17 @@ async fn token_authentication() {
         .unwrap();
     let body = eventually(WAIT, "the authorization error is reported", || async {
         let (s, body) = http(anon.addr, "GET", "/readyz", &[], None).await;
-        (s == 503 && body["reasons"].to_string().contains("authorization")).then_some(body)
+        let reasons = body["reasons"].to_string().to_lowercase();
+        (s == 503 && reasons.contains("last error")).then_some(body)
     })
     .await;
     assert_eq!(body["status"], "backbone unreachable");
+    // Only the server's refusal of the connection says this (a NATS that is down or
+    // unreachable leaves "not connected" without it).
+    let reasons = body["reasons"].to_string().to_lowercase();
+    assert!(reasons.contains("authorization violation"), "{reasons}");
+    let refused = connect_refusal(anon.addr).await;
+    assert_eq!(refused, 503, "a node refused by NATS takes no clients");
 
     let mut cfg = cluster_config(&nats, "a");
     cfg.nats.token = Some("s3cret-token".into());
@@ -693,11 +701,46 @@ async fn extreme_positions_on_the_stream() {
         (r["recovered"].as_bool(), r["replayed"].as_u64()),
         (Some(true), Some(0))
     );
-    c.call(
-        json!({"type": "history", "channel": "open.edge", "since": since, "limit": u64::MAX}),
-        "history",
-    )
-    .await;
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge", "since": since, "limit": u64::MAX}),
+            "history",
+        )
+        .await;
+    assert_eq!(
+        h["publications"],
+        json!([]),
+        "nothing after the largest seq"
+    );
+    // The largest limit and snapshot are "all there is", capped by the namespace.
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(c.publish("open.edge2", json!(i)).await);
+    }
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge2", "limit": u64::MAX}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs);
+    let h = c
+        .call(
+            json!({"type": "history", "channel": "open.edge2", "limit": 2}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs[1..], "limit 2: the newest two");
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": "open.edge2", "snapshot": u64::MAX}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(r["replayed"], 3);
+    for want in &seqs {
+        assert_eq!(c.recv_type("msg").await["seq"], *want);
+    }
     c.ping().await;
 }
 
@@ -782,5 +825,14 @@ async fn r3_streams_survive_a_stream_leader_kill() {
             assert_eq!(&c.recv_type("msg").await["seq"], want);
         }
         c.ping().await;
+    }
+}
+
+/// The HTTP status of a WebSocket upgrade to `addr`.
+async fn connect_refusal(addr: std::net::SocketAddr) -> u16 {
+    let t = token("u", &[], std::time::Duration::from_secs(60));
+    match try_connect_with(addr, "", &[("authorization", &format!("Bearer {t}"))]).await {
+        Ok(_) => 101,
+        Err(r) => r.status,
     }
 }

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::scenarios::{seam_check, snapshot_check};
 use common::*;
 use serde_json::{json, Value};
 

@@ -515,6 +515,7 @@ impl NatsBroker {
             let Some(last) = batch.messages.last().map(|(seq, _, _)| *seq) else {
                 break;
             };
+            let mut full = false;
             for (seq, left, m) in batch.messages {
                 if left >= n as u64 {
                     truncated = true;
@@ -525,6 +526,7 @@ impl NatsBroker {
                 {
                     // Counted back: this one and those after it are still to read.
                     remaining = left + 1;
+                    full = true;
                     break;
                 }
                 if let Some(p) = publication(channel, seq, m.headers.as_ref(), &m.payload) {
@@ -532,7 +534,9 @@ impl NatsBroker {
                     publications.push(Arc::new(p));
                 }
             }
-            if !publications.is_empty() || remaining == 0 {
+            // Skipped messages took part of the batch: read on until the page is
+            // full or nothing is left.
+            if full || remaining == 0 || publications.len() >= page.messages {
                 break;
             }
             next = last.saturating_add(1);

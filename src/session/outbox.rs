@@ -420,3 +420,146 @@ impl Outbox {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    fn take_all(o: &Outbox) -> (Vec<Item>, Batch) {
+        let mut items = Vec::new();
+        let batch = o.take(&mut items, usize::MAX);
+        (items, batch)
+    }
+
+    #[test]
+    fn live_frames_past_the_frame_bound_close_4008_and_drop_the_backlog() {
+        let o = Outbox::new(3, 1 << 20, 16);
+        assert!(o.push(frame(1)) && o.push(frame(1)) && o.push(frame(1)));
+        assert!(!o.push(frame(1)), "the fourth does not fit");
+        let (items, batch) = take_all(&o);
+        assert!(items.is_empty(), "a slow consumer's backlog is dropped");
+        assert!(matches!(batch, Batch::Close(c) if c.code == close::SLOW_CONSUMER && !c.flush));
+    }
+
+    #[test]
+    fn live_frames_past_the_byte_bound_close_4008() {
+        let o = Outbox::new(100, 1024, 16);
+        assert!(o.push(frame(1000)));
+        assert!(!o.push(frame(100)));
+        assert!(o.is_closing());
+    }
+
+    #[test]
+    fn replies_get_twice_the_byte_bound() {
+        let o = Outbox::new(100, 1024, 16);
+        assert!(o.push_reply(frame(1000)) && o.push_reply(frame(1000)));
+        assert!(!o.is_closing());
+        assert!(!o.push_reply(frame(100)), "past twice the bound");
+        assert!(o.is_closing());
+    }
+
+    #[test]
+    fn replayed_frames_are_outside_the_live_bound() {
+        let o = Outbox::new(2, 1 << 20, 16);
+        for _ in 0..10 {
+            assert!(o.push_replay(frame(10)));
+        }
+        assert!(
+            o.push(frame(1)) && o.push(frame(1)),
+            "live still has its two"
+        );
+        assert!(!o.push(frame(1)));
+    }
+
+    #[tokio::test]
+    async fn replay_room_waits_until_the_client_read_the_page_down() {
+        let o = std::sync::Arc::new(Outbox::new(8, 1 << 20, 16));
+        // A page is 4 frames; room means at most 2 unread.
+        for _ in 0..4 {
+            o.push_replay(frame(10));
+        }
+        let waiting = tokio::spawn({
+            let o = std::sync::Arc::clone(&o);
+            async move { o.replay_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "four unread: no room yet");
+        let mut items = Vec::new();
+        o.take(&mut items, 2);
+        assert!(waiting.await.unwrap(), "two read: room for the next page");
+    }
+
+    #[tokio::test]
+    async fn replay_room_ends_when_the_connection_closes() {
+        let o = std::sync::Arc::new(Outbox::new(8, 1 << 20, 16));
+        for _ in 0..4 {
+            o.push_replay(frame(10));
+        }
+        let waiting = tokio::spawn({
+            let o = std::sync::Arc::clone(&o);
+            async move { o.replay_room().await }
+        });
+        tokio::task::yield_now().await;
+        o.close(close::NORMAL, "", false);
+        assert!(!waiting.await.unwrap());
+    }
+
+    #[test]
+    fn a_flushing_close_sends_what_is_queued_first_and_the_first_decision_wins() {
+        let o = Outbox::new(10, 1 << 20, 16);
+        o.push(frame(1));
+        o.close(close::SHUTTING_DOWN, "drain", true);
+        o.close(close::SLOW_CONSUMER, "later", false);
+        assert!(!o.push(frame(1)), "nothing new after the decision");
+        let mut items = Vec::new();
+        assert_eq!(o.take(&mut items, 0), Batch::Frames, "the queue first");
+        let (items, batch) = take_all(&o);
+        assert_eq!(items, vec![Item::Text(frame(1))]);
+        assert!(matches!(batch, Batch::Close(c) if c.code == close::SHUTTING_DOWN));
+    }
+
+    #[test]
+    fn a_conflation_slot_sends_the_newest_and_counts_what_it_replaced() {
+        let o = Outbox::new(10, 1 << 20, 1);
+        let skipped = AtomicU64::new(0);
+        let slot = o.open_slot();
+        o.push_conflated(slot, &Bytes::from_static(b"1"), &skipped);
+        // Backlog of one reached: the slot is queued and keeps only the newest.
+        for v in [&b"2"[..], b"3", b"4"] {
+            o.push_conflated(slot, &Bytes::copy_from_slice(v), &skipped);
+        }
+        let (items, _) = take_all(&o);
+        assert_eq!(
+            items,
+            vec![
+                Item::Text(Bytes::from_static(b"1")),
+                Item::Text(Bytes::from_static(b"4"))
+            ]
+        );
+        assert_eq!(skipped.load(Ordering::Relaxed), 2, "2 and 3 were replaced");
+    }
+
+    #[test]
+    fn a_closed_slot_sends_nothing() {
+        let o = Outbox::new(10, 1 << 20, 1);
+        let skipped = AtomicU64::new(0);
+        let slot = o.open_slot();
+        o.push_conflated(slot, &Bytes::from_static(b"1"), &skipped);
+        o.push_conflated(slot, &Bytes::from_static(b"2"), &skipped);
+        o.close_slot(slot);
+        let (items, _) = take_all(&o);
+        assert_eq!(items, vec![Item::Text(Bytes::from_static(b"1"))]);
+    }
+
+    #[test]
+    fn a_replay_does_not_start_over_unread_bytes() {
+        let o = Outbox::new(100, 1024, 16);
+        assert!(o.can_start_replay());
+        o.push_reply(frame(1500));
+        assert!(!o.can_start_replay());
+    }
+}
