@@ -90,7 +90,7 @@ impl Subscription {
             Phase::Live => {
                 if publication.seq > st.last_seq {
                     st.last_seq = publication.seq;
-                    self.enqueue(&publication.frame);
+                    self.enqueue(&publication.msg);
                 }
             }
         }
@@ -137,7 +137,7 @@ impl Subscription {
         for p in page {
             if p.seq > st.last_seq {
                 st.last_seq = p.seq;
-                if !outbox.push_replay(p.frame.clone()) {
+                if !outbox.push_replay(p.msg.clone()) {
                     return false;
                 }
             }

@@ -236,7 +236,7 @@ pub struct ErrorFrame<'a> {
 }
 
 /// Encodes an `error` frame.
-pub fn error_frame(id: Option<&RawValue>, code: u16, reason: &str) -> Bytes {
+pub fn error_message(id: Option<&RawValue>, code: u16, reason: &str) -> Bytes {
     encode(&ErrorFrame {
         kind: "error",
         id,
@@ -291,7 +291,7 @@ pub struct ChannelOnly<'a> {
 
 /// `published` body.
 #[derive(Serialize)]
-pub struct Published<'a> {
+pub struct PublishedReply<'a> {
     pub channel: &'a str,
     pub seq: u64,
     pub duplicate: bool,

@@ -99,7 +99,7 @@ pub fn check_publication(
 }
 
 /// Checks a presence page cursor (a previous page's `next`, a connection id).
-pub fn check_page_cursor(cursor: &str) -> Result<(), Refusal> {
+pub fn check_page_token(cursor: &str) -> Result<(), Refusal> {
     if !cursor.is_empty() && cursor.len() <= 256 && cursor.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {

@@ -22,7 +22,7 @@ async fn node_still_serves(addr: SocketAddr) {
 }
 
 #[tokio::test]
-async fn malformed_frames_get_error_frames_and_the_connection_stays() {
+async fn malformed_frames_get_error_messages_and_the_connection_stays() {
     let gw = start(config()).await;
     let mut c = connect_as(gw.addr, "u", &[]).await;
 

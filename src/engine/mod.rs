@@ -40,8 +40,8 @@ pub struct Publication {
     pub ts: u64,
     pub data: Box<RawValue>,
     pub from: Option<Arc<str>>,
-    /// The complete `msg` text frame payload.
-    pub frame: Bytes,
+    /// The complete `msg` message, encoded once: the payload of every recipient's text frame.
+    pub msg: Bytes,
 }
 
 #[derive(Serialize)]
@@ -65,7 +65,7 @@ impl Publication {
         data: Box<RawValue>,
         from: Option<Arc<str>>,
     ) -> Self {
-        let frame = crate::protocol::encode(&MsgFrame {
+        let msg = crate::protocol::encode(&MsgFrame {
             kind: "msg",
             channel: channel.as_str(),
             seq,
@@ -79,7 +79,7 @@ impl Publication {
             ts,
             data,
             from,
-            frame,
+            msg,
         }
     }
 }
@@ -92,7 +92,7 @@ impl Serialize for PublicationList<'_> {
         use serde::ser::{Error, SerializeSeq};
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for p in self.0 {
-            let raw: &RawValue = serde_json::from_slice(&p.frame).map_err(S::Error::custom)?;
+            let raw: &RawValue = serde_json::from_slice(&p.msg).map_err(S::Error::custom)?;
             seq.serialize_element(raw)?;
         }
         seq.end()
@@ -293,7 +293,7 @@ pub struct ClientInfo {
 #[derive(Debug, Default)]
 pub struct PresencePage {
     pub clients: Vec<ClientInfo>,
-    /// Opaque cursor for the next page; `None` when this was the last.
+    /// Opaque page token for the next page; `None` when this was the last.
     pub next: Option<String>,
 }
 
@@ -316,11 +316,11 @@ pub trait Presence: Send + Sync {
         channel: &'a Channel,
         conn_id: &'a str,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
-    /// Up to `limit` members, continuing from `cursor` (a previous page's `next`).
+    /// Up to `limit` members, continuing after `after` (a previous page's `next`).
     fn page<'a>(
         &'a self,
         channel: &'a Channel,
-        cursor: Option<&'a str>,
+        after: Option<&'a str>,
         limit: usize,
     ) -> BoxFuture<'a, Result<PresencePage, EngineError>>;
     /// Member counts, without loading the members.

@@ -530,7 +530,7 @@ impl NatsBroker {
                     break;
                 }
                 if let Some(p) = publication(channel, seq, m.headers.as_ref(), &m.payload) {
-                    bytes += p.frame.len();
+                    bytes += p.msg.len();
                     publications.push(Arc::new(p));
                 }
             }

@@ -661,7 +661,7 @@ async fn presence(node: &Node, req: &Request<Incoming>, segment: &str, stats: bo
     let limit = query.limit(max)?;
     let cursor = query.text("cursor");
     if let Some(c) = cursor {
-        request::check_page_cursor(c)?;
+        request::check_page_token(c)?;
     }
     let page = p.page(&channel, cursor, limit).await?;
     Ok(json(

@@ -217,7 +217,7 @@ impl Session {
         });
     }
 
-    pub(super) async fn leave(&self, joined: Joined) {
+    pub(super) async fn end_subscription(&self, joined: Joined) {
         if let Some(task) = &joined.catch_up {
             task.abort();
         }
@@ -251,7 +251,7 @@ impl Session {
                 format!("not subscribed to {channel}"),
             ));
         };
-        self.leave(joined).await;
+        self.end_subscription(joined).await;
         self.link.outbox.push_reply(protocol::reply(
             "unsubscribed",
             id,
@@ -298,7 +298,7 @@ impl Session {
         self.link.outbox.push_reply(protocol::reply(
             "published",
             id,
-            protocol::Published {
+            protocol::PublishedReply {
                 channel: channel.as_str(),
                 seq: published.seq,
                 duplicate: published.duplicate,
@@ -386,7 +386,7 @@ impl Session {
         }
         self.require(ns, Permission::Presence, &channel)?;
         if let Some(c) = &cursor {
-            request::check_page_cursor(c)?;
+            request::check_page_token(c)?;
         }
         let max = self.node.config.presence_page_max();
         let limit = limit.unwrap_or(max).clamp(1, max);

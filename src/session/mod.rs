@@ -37,14 +37,14 @@ use commands::Joined;
 use frame_reader::{FrameReader, OpCode, ReadError};
 use outbox::Outbox;
 use rate_limit::RateLimiter;
-use writer::Link;
+use writer::Duplex;
 
 type Outcome = Result<(), Refusal>;
 
 /// The state of one connection, owned by its reader.
 pub struct Session {
     node: Arc<Node>,
-    link: Arc<Link>,
+    link: Arc<Duplex>,
     conn_id: Arc<str>,
     /// Shares the connection id's allocation when the client names no device.
     device: Arc<str>,
@@ -103,7 +103,7 @@ async fn run<R, W>(
         cfg.outbox_bytes,
         cfg.conflate_backlog,
     ));
-    let link = Arc::new(Link::new(Arc::clone(&outbox), identity.expires_at));
+    let link = Arc::new(Duplex::new(Arc::clone(&outbox), identity.expires_at));
     let conn_id: Arc<str> = Arc::from(format!("{}-{:012x}", node.id, fastrand::u64(..1 << 48)));
     let device = device.map_or_else(|| Arc::clone(&conn_id), Arc::from);
 
@@ -230,7 +230,7 @@ async fn finish<R: AsyncRead + Unpin>(
     writer: tokio::task::JoinHandle<()>,
     slot: ConnectionSlot,
 ) {
-    // Acks first: the close frame waits for them (see `Link::settle`).
+    // Acks first: the close frame waits for them (see `Duplex::settle`).
     session.write_acks().await;
     session.link.settle();
     session.cleanup().await;
@@ -324,7 +324,7 @@ impl Session {
     fn reply_error(&self, id: Option<&RawValue>, code: u16, reason: &str) {
         self.link
             .outbox
-            .push_reply(protocol::error_frame(id, code, reason));
+            .push_reply(protocol::error_message(id, code, reason));
     }
 
     /// Charges one inbound frame to the rate limit; a refused frame is answered
@@ -406,7 +406,7 @@ impl Session {
 
     async fn cleanup(&mut self) {
         for (_, joined) in std::mem::take(&mut self.subs) {
-            self.leave(joined).await;
+            self.end_subscription(joined).await;
         }
         tracing::debug!(conn = %self.conn_id, "disconnected");
     }

@@ -23,7 +23,7 @@ use crate::protocol::{self, close};
 const BATCH_ITEMS: usize = 256;
 
 /// What the reader and the writer of one connection share.
-pub struct Link {
+pub struct Duplex {
     pub outbox: Arc<Outbox>,
     /// Token expiry, Unix seconds; moved by `refresh`.
     pub expires_at: AtomicU64,
@@ -41,10 +41,10 @@ pub struct Link {
     start: Instant,
 }
 
-impl Link {
+impl Duplex {
     /// A link for a connection whose token expires at `expires_at` (Unix seconds).
     pub fn new(outbox: Arc<Outbox>, expires_at: u64) -> Self {
-        Link {
+        Duplex {
             outbox,
             expires_at: AtomicU64::new(expires_at),
             expiring_sent: AtomicBool::new(false),
@@ -125,7 +125,7 @@ fn encode_close(buf: &mut Vec<u8>, closing: &Closing) {
 
 /// Runs until the connection is closed or the socket fails. A panic while writing
 /// closes the connection with 1011, and the reader then cleans up.
-pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<Node>) {
+pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Duplex>, node: Arc<Node>) {
     let wrote = AssertUnwindSafe(write_loop(&mut io, &link, &node))
         .catch_unwind()
         .await;
@@ -150,7 +150,7 @@ pub async fn run<W: AsyncWrite + Unpin>(mut io: W, link: Arc<Link>, node: Arc<No
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Link, node: &Node) {
+async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Duplex, node: &Node) {
     // Read from the node's config rather than copied: this future is per connection.
     let cfg = &node.config.session;
     let shutdown = &node.shutdown;

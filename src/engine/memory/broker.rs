@@ -295,11 +295,11 @@ fn take_page<'a>(
     for (_, p) in entries {
         // At least one per page, however large, so a replay always moves.
         if publications.len() >= page.messages
-            || (!publications.is_empty() && bytes + p.frame.len() > page.bytes)
+            || (!publications.is_empty() && bytes + p.msg.len() > page.bytes)
         {
             break;
         }
-        bytes += p.frame.len();
+        bytes += p.msg.len();
         publications.push(Arc::clone(p));
     }
     let remaining = (total - publications.len()) as u64;
