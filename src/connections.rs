@@ -164,13 +164,7 @@ impl LocalConnections for Connections {
             .map(|u| {
                 u.conns
                     .iter()
-                    .map(|c| ClientInfo {
-                        conn_id: c.conn_id.to_string(),
-                        user: user.to_string(),
-                        device: c.device.to_string(),
-                        node: node.to_string(),
-                        since: c.since,
-                    })
+                    .map(|c| ClientInfo::new(&c.conn_id, user, &c.device, node, c.since))
                     .collect()
             })
             .unwrap_or_default()

@@ -289,6 +289,19 @@ pub struct ClientInfo {
     pub since: u64,
 }
 
+impl ClientInfo {
+    /// One connection of `user` on `node` since `since` (Unix ms).
+    pub fn new(conn_id: &str, user: &str, device: &str, node: &str, since: u64) -> Self {
+        ClientInfo {
+            conn_id: conn_id.to_string(),
+            user: user.to_string(),
+            device: device.to_string(),
+            node: node.to_string(),
+            since,
+        }
+    }
+}
+
 /// One page of a channel's members.
 #[derive(Debug, Default)]
 pub struct PresencePage {

@@ -258,13 +258,13 @@ const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Session {
     fn client_info(&self, since: u64) -> ClientInfo {
-        ClientInfo {
-            conn_id: self.conn_id.to_string(),
-            user: self.identity.user.to_string(),
-            device: self.device.to_string(),
-            node: self.node.id.clone(),
+        ClientInfo::new(
+            &self.conn_id,
+            &self.identity.user,
+            &self.device,
+            &self.node.id,
             since,
-        }
+        )
     }
 
     /// Makes the connection reachable by control commands and visible as the

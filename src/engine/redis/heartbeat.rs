@@ -37,13 +37,8 @@ impl Member {
         match &self.json {
             MemberJson::Encoded(j) => std::borrow::Cow::Borrowed(j),
             MemberJson::Connection { device, since } => {
-                let info = crate::engine::ClientInfo {
-                    conn_id: self.id.to_string(),
-                    user: self.user.to_string(),
-                    device: device.to_string(),
-                    node: node.to_string(),
-                    since: *since,
-                };
+                let info =
+                    crate::engine::ClientInfo::new(&self.id, &self.user, device, node, *since);
                 serde_json::to_string(&info).unwrap_or_default().into()
             }
         }
