@@ -155,9 +155,9 @@ async fn read_to_close(c: &mut Client) -> (Vec<u64>, u16) {
     (seqs, code)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_overtaken_by_retention_closes_4008_after_what_it_replayed() {
-    let mut cfg = config();
+/// A replay stalled while the channel is written past its retention: 4008 after
+/// an in-order prefix.
+async fn overtaken_by_retention_check(mut cfg: switchyard::config::Config) {
     cfg.session.outbox_messages = 64;
     if let Some(ns) = cfg.namespaces.get_mut("backlog") {
         ns.history_size = 2_000;
@@ -173,10 +173,13 @@ async fn a_replay_overtaken_by_retention_closes_4008_after_what_it_replayed() {
         )
         .await["position"]["epoch"]
         .clone();
-    slow.send(
-        json!({"type": "subscribe", "channel": channel, "since": {"seq": 0, "epoch": epoch}}),
-    )
-    .await;
+    let r = slow
+        .call(
+            json!({"type": "subscribe", "channel": channel, "since": {"seq": 0, "epoch": epoch}}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
     // While it does not read, 2,000 more push the ones it has not reached out of history.
     write_padded(gw.addr, channel, 2_000, PAD).await;
     let (seqs, code) = read_to_close(&mut slow).await;
@@ -191,6 +194,17 @@ async fn a_replay_overtaken_by_retention_closes_4008_after_what_it_replayed() {
         (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "what was replayed is an in-order prefix, delivered before the close"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_overtaken_by_retention_closes_4008_after_what_it_replayed() {
+    overtaken_by_retention_check(config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_overtaken_by_stream_retention_closes_4008_after_what_it_replayed() {
+    let nats = NatsServer::start();
+    overtaken_by_retention_check(cluster_config(&nats, "a")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

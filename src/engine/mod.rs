@@ -250,6 +250,11 @@ pub trait Broker: Send + Sync {
         after: u64,
         page: PageLimit,
     ) -> BoxFuture<'a, Result<ReplayPage, EngineError>>;
+    /// A reader that continues one long replay of `channel` (it may keep state on
+    /// the backbone between pages); `None` when [`Broker::history_after`] is as good.
+    fn replay_reader(&self, _channel: &Channel) -> Option<Box<dyn ReplayReader>> {
+        None
+    }
     /// Counts one more local subscription to `channel`; resolves once live
     /// publications of the channel reach this node's hub, so history read after it
     /// overlaps live delivery instead of leaving a gap.
@@ -260,6 +265,17 @@ pub trait Broker: Send + Sync {
     fn backbone(&self) -> BackboneState {
         BackboneState::default()
     }
+}
+
+/// Continues one replay page by page (for a long catch-up): what
+/// [`Broker::history_after`] returns, from state kept between pages.
+pub trait ReplayReader: Send {
+    /// The publications stored after `after`, oldest first, up to `page`.
+    fn next_page(
+        &mut self,
+        after: u64,
+        page: PageLimit,
+    ) -> BoxFuture<'_, Result<ReplayPage, EngineError>>;
 }
 
 /// The broker's backbone as `/readyz` reports it.

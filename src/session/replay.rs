@@ -29,6 +29,8 @@ pub async fn catch_up(
     retry_for: Duration,
 ) {
     let outbox = Arc::clone(&sub.outbox);
+    // A long catch-up reads through the engine's replay reader when it has one.
+    let mut reader = broker.replay_reader(&sub.channel);
     let mut pause = Duration::ZERO;
     let mut failing_since: Option<Instant> = None;
     loop {
@@ -46,7 +48,11 @@ pub async fn catch_up(
         if !outbox.replay_room().await {
             return;
         }
-        match broker.history_after(&sub.channel, after, limit).await {
+        let read = match reader.as_mut() {
+            Some(r) => r.next_page(after, limit).await,
+            None => broker.history_after(&sub.channel, after, limit).await,
+        };
+        match read {
             Ok(page) if page.lost => {
                 let why = "slow consumer: the replay fell behind the channel's retained history";
                 outbox.close(close::SLOW_CONSUMER, why, true);
