@@ -155,16 +155,20 @@ async fn read_to_close(c: &mut Client) -> (Vec<u64>, u16) {
     (seqs, code)
 }
 
+/// Publications retained by the channel of the retention check: more than a
+/// NATS node continues through batched direct gets, so its consumer is tested.
+const RETAINED: u64 = 3_000;
+
 /// A replay stalled while the channel is written past its retention: 4008 after
 /// an in-order prefix.
 async fn overtaken_by_retention_check(mut cfg: switchyard::config::Config) {
     cfg.session.outbox_messages = 64;
     if let Some(ns) = cfg.namespaces.get_mut("backlog") {
-        ns.history_size = 2_000;
+        ns.history_size = RETAINED as usize;
     }
     let gw = start(cfg).await;
     let channel = "backlog.trimmed";
-    write_padded(gw.addr, channel, 2_000, PAD).await;
+    write_padded(gw.addr, channel, RETAINED, PAD).await;
     let mut slow = connect_slow(gw.addr, "slow").await;
     let epoch = slow
         .call(
@@ -181,11 +185,11 @@ async fn overtaken_by_retention_check(mut cfg: switchyard::config::Config) {
         .await;
     assert_eq!(r["recovered"], true, "{r}");
     // While it does not read, 2,000 more push the ones it has not reached out of history.
-    write_padded(gw.addr, channel, 2_000, PAD).await;
+    write_padded(gw.addr, channel, RETAINED, PAD).await;
     let (seqs, code) = read_to_close(&mut slow).await;
     assert_eq!(code, 4008);
     assert!(
-        !seqs.is_empty() && seqs.len() < 2_000,
+        !seqs.is_empty() && seqs.len() < RETAINED as usize,
         "{} replayed",
         seqs.len()
     );
@@ -215,7 +219,7 @@ async fn a_replay_whose_backbone_stays_away_closes_1013_and_resumes_later() {
     cfg.session.replay_retry_for = Duration::from_secs(1);
     let gw = start(cfg).await;
     let channel = "backlog.away";
-    let total = write_padded(gw.addr, channel, 1_000, PAD).await;
+    let total = write_padded(gw.addr, channel, RETAINED, PAD).await;
     let mut slow = connect_slow(gw.addr, "slow").await;
     let epoch = slow
         .call(

@@ -250,9 +250,10 @@ pub trait Broker: Send + Sync {
         after: u64,
         page: PageLimit,
     ) -> BoxFuture<'a, Result<ReplayPage, EngineError>>;
-    /// A reader that continues one long replay of `channel` (it may keep state on
-    /// the backbone between pages); `None` when [`Broker::history_after`] is as good.
-    fn replay_reader(&self, _channel: &Channel) -> Option<Box<dyn ReplayReader>> {
+    /// A reader that continues one replay of `channel` with `remaining`
+    /// publications still to read (it may keep state on the backbone between
+    /// pages); `None` when [`Broker::history_after`] is as good.
+    fn replay_reader(&self, _channel: &Channel, _remaining: u64) -> Option<Box<dyn ReplayReader>> {
         None
     }
     /// Counts one more local subscription to `channel`; resolves once live

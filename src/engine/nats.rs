@@ -53,6 +53,10 @@ impl NamespaceStream {
     }
 }
 
+/// Publications left after the first page from which a replay continues through
+/// an ordered consumer instead of batched direct gets.
+const CONSUMER_FROM: u64 = 2_000;
+
 /// Most messages asked of one batched direct get; a longer page takes several.
 const MAX_BATCH: usize = 10_000;
 
@@ -776,7 +780,12 @@ impl Broker for NatsBroker {
         Box::pin(self.watch_inner(channel))
     }
 
-    fn replay_reader(&self, channel: &Channel) -> Option<Box<dyn ReplayReader>> {
+    fn replay_reader(&self, channel: &Channel, remaining: u64) -> Option<Box<dyn ReplayReader>> {
+        // A consumer costs a round trip and state on the server: worth it only for
+        // a long catch-up; a short rest is a batched direct get or two.
+        if remaining < CONSUMER_FROM {
+            return None;
+        }
         let stream = self.namespace(channel).ok()?.stream().ok()?.clone();
         Some(Box::new(ConsumerReplay {
             stream,

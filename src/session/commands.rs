@@ -171,7 +171,7 @@ impl Session {
                 Arc::clone(&engine.broker),
                 Arc::clone(&sub),
                 page_limit,
-                page.remaining == 0,
+                page.remaining,
                 node.config.session.replay_retry_for,
             );
             Some(tokio::spawn(task))

@@ -19,18 +19,20 @@ use crate::protocol::close;
 const MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// Reads the rest of a replay into `sub`'s outbox and switches it to live.
-/// `at_end`: the first page reached the end of what was stored. A backbone that
-/// fails every read for `retry_for` closes the connection with 1013.
+/// `remaining`: what the first page said follows it (0: it reached the end of
+/// what was stored). A backbone that fails every read for `retry_for` closes the
+/// connection with 1013.
 pub async fn catch_up(
     broker: Arc<dyn Broker>,
     sub: Arc<Subscription>,
     limit: PageLimit,
-    mut at_end: bool,
+    remaining: u64,
     retry_for: Duration,
 ) {
+    let mut at_end = remaining == 0;
     let outbox = Arc::clone(&sub.outbox);
     // A long catch-up reads through the engine's replay reader when it has one.
-    let mut reader = broker.replay_reader(&sub.channel);
+    let mut reader = broker.replay_reader(&sub.channel, remaining);
     let mut pause = Duration::ZERO;
     let mut failing_since: Option<Instant> = None;
     loop {
