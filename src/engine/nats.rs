@@ -55,7 +55,7 @@ impl NamespaceStream {
 
 /// Publications left after the first page from which a replay continues through
 /// an ordered consumer instead of batched direct gets.
-const CONSUMER_FROM: u64 = 2_000;
+const CONSUMER_FROM: u64 = 128;
 
 /// Most messages asked of one batched direct get; a longer page takes several.
 const MAX_BATCH: usize = 10_000;

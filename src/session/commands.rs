@@ -44,6 +44,9 @@ struct PresenceReply<'a> {
     next: Option<String>,
 }
 
+/// Most publications in the first page of a replay (the one sent with the reply).
+const FIRST_PAGE: usize = 64;
+
 impl Session {
     fn require(&self, ns: &NamespaceConfig, perm: Permission, channel: &Channel) -> Outcome {
         if ns.allow.contains(&perm) || self.identity.granted(perm, channel) {
@@ -126,9 +129,15 @@ impl Session {
         }
         // The first page now, the rest as the client reads (docs/architecture.md, "Replay").
         let page_limit = self.link.outbox.replay_page();
+        // A short first page: the reply goes out sooner, most resumes fit in it, and
+        // the engine streams a longer rest more cheaply (`Broker::replay_reader`).
+        let first_page = PageLimit {
+            messages: page_limit.messages.min(FIRST_PAGE),
+            ..page_limit
+        };
         let page = match engine
             .broker
-            .history(&channel, from, ns.max_replay, page_limit)
+            .history(&channel, from, ns.max_replay, first_page)
             .await
         {
             Ok(page) => page,
