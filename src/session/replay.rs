@@ -51,7 +51,15 @@ pub async fn catch_up(
             return;
         }
         let read = match reader.as_mut() {
-            Some(r) => r.next_page(after, limit).await,
+            Some(r) => match r.next_page(after, limit).await {
+                Ok(page) => Ok(page),
+                Err(e) => {
+                    // E.g. the account's consumer limit: go on with plain reads.
+                    tracing::debug!(channel = %sub.channel, error = %e, "replay reader failed; reading pages directly");
+                    reader = None;
+                    broker.history_after(&sub.channel, after, limit).await
+                }
+            },
             None => broker.history_after(&sub.channel, after, limit).await,
         };
         match read {
