@@ -31,6 +31,7 @@ pub async fn node(
             broker,
             presence: parts.presence,
             cursors: parts.cursors,
+            registry: parts.control.clone(),
             control: parts.control,
         };
         return Ok((engine, prices));
@@ -46,11 +47,13 @@ pub async fn node(
         started_at: unix_ms(),
         heartbeat_at: 0,
     };
+    let control = Arc::new(MemoryControl::new(Arc::clone(&connections), deliveries, me));
     let engine = Engine {
         broker,
         presence: Arc::new(MemoryPresence::new(Arc::clone(&connections), node_id)),
         cursors: Arc::new(MemoryCursors::default()),
-        control: Arc::new(MemoryControl::new(connections, deliveries, me)),
+        control: Arc::clone(&control) as Arc<dyn super::Control>,
+        registry: control,
     };
     Ok((engine, Arc::new(MemoryPrices::default())))
 }

@@ -480,6 +480,10 @@ pub trait Control: Send + Sync {
     /// Delivers a join/leave event to the channel's subscribers on every node
     /// (through each node's [`Deliveries`]).
     fn announce(&self, event: JoinLeave);
+}
+
+/// The cluster's nodes and the health of the shared store: the node registry.
+pub trait Registry: Send + Sync {
     /// Live nodes.
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>>;
     /// State of the shared store, for readiness: `None` when there is none.
@@ -499,4 +503,5 @@ pub struct Engine {
     pub presence: Arc<dyn Presence>,
     pub cursors: Arc<dyn Cursors>,
     pub control: Arc<dyn Control>,
+    pub registry: Arc<dyn Registry>,
 }

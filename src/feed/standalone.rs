@@ -118,7 +118,7 @@ fn route<B>(
     let (status, body, kind) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (
             StatusCode::OK,
-            r#"{"status":"ok"}"#.to_string(),
+            serde_json::json!({"status": "ok"}).to_string(),
             "application/json",
         ),
         (&Method::GET, "/readyz") => {
@@ -142,7 +142,7 @@ fn route<B>(
         }
         _ => (
             StatusCode::NOT_FOUND,
-            r#"{"error":"not found","code":404}"#.to_string(),
+            serde_json::json!({"error": "not found", "code": 404}).to_string(),
             "application/json",
         ),
     };

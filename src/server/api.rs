@@ -467,7 +467,7 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
             ))
         }
         Route::Nodes => {
-            let nodes = node.engine.control.nodes().await?;
+            let nodes = node.engine.registry.nodes().await?;
             Ok(json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })))
         }
         Route::Prices => {

@@ -106,7 +106,7 @@ async fn dispatch(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 /// out of the load balancer would turn a degradation into an outage); the body
 /// says how Redis is.
 fn readyz(node: &Node) -> Response<Body> {
-    let redis = match node.engine.control.store_up() {
+    let redis = match node.engine.registry.store_up() {
         None => "none",
         Some(true) => "up",
         Some(false) => "down",
@@ -246,6 +246,6 @@ pub async fn run(node: Arc<Node>, listener: TcpListener) {
     if let Err(e) = node.prices.flush().await {
         tracing::warn!(error = %e, "the latest prices could not be written before exit");
     }
-    node.engine.control.leave_cluster().await;
+    node.engine.registry.leave_cluster().await;
     tracing::info!("stopped");
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::clock::unix_ms;
 use crate::engine::revocations::Revocations;
 use crate::engine::{
-    BoxFuture, Control, Deliveries, EngineError, JoinLeave, LocalConnections, NodeInfo,
+    BoxFuture, Control, Deliveries, EngineError, JoinLeave, LocalConnections, NodeInfo, Registry,
 };
 
 /// Control of the memory engine: commands act on this node's connections, and
@@ -58,7 +58,9 @@ impl Control for MemoryControl {
     fn announce(&self, event: JoinLeave) {
         self.deliveries.join_leave(&event);
     }
+}
 
+impl Registry for MemoryControl {
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
         let mut me = self.me.clone();
         me.connections = self.connections.count() as u64;

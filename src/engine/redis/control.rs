@@ -16,7 +16,7 @@ use super::{json_list, push_message, Store};
 use crate::clock::unix_ms;
 use crate::engine::revocations::Revocations;
 use crate::engine::{
-    BoxFuture, Control, Deliveries, EngineError, JoinLeave, LocalConnections, NodeInfo,
+    BoxFuture, Control, Deliveries, EngineError, JoinLeave, LocalConnections, NodeInfo, Registry,
 };
 
 /// A command on the control channel.
@@ -240,7 +240,9 @@ impl Control for RedisControl {
             tracing::debug!("join/leave queue full; event not sent to other nodes");
         }
     }
+}
 
+impl Registry for RedisControl {
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<NodeInfo>, EngineError>> {
         Box::pin(async move {
             let set = self.store.keys.nodes();
