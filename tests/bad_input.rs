@@ -5,6 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::scenarios::limits_check;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::json;
@@ -303,36 +304,7 @@ async fn extreme_positions_are_handled() {
         json!([]),
         "nothing after the largest seq"
     );
-    // The largest limit and snapshot are honoured as "all there is", capped by the
-    // namespace (max_replay, history_size), not refused and not overflowed.
-    let mut seqs = Vec::new();
-    for i in 0..3 {
-        seqs.push(c.publish("open.edge2", json!(i)).await);
-    }
-    let h = c
-        .call(
-            json!({"type": "history", "channel": "open.edge2", "limit": max}),
-            "history",
-        )
-        .await;
-    assert_eq!(publication_seqs(&h), seqs);
-    let h = c
-        .call(
-            json!({"type": "history", "channel": "open.edge2", "limit": 2}),
-            "history",
-        )
-        .await;
-    assert_eq!(publication_seqs(&h), seqs[1..], "limit 2: the newest two");
-    let r = c
-        .call(
-            json!({"type": "subscribe", "channel": "open.edge2", "snapshot": max}),
-            "subscribed",
-        )
-        .await;
-    assert_eq!(r["replayed"], 3);
-    for want in &seqs {
-        assert_eq!(c.recv_type("msg").await["seq"], *want);
-    }
+    limits_check(&mut c, "open.edge2").await;
     let (r, _) = c
         .request(json!({"type": "ack", "channel": "open.edge", "seq": max}))
         .await;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::scenarios::{seam_check, snapshot_check};
+use common::scenarios::{limits_check, seam_check, snapshot_check};
 use common::*;
 use serde_json::json;
 
@@ -712,35 +712,7 @@ async fn extreme_positions_on_the_stream() {
         json!([]),
         "nothing after the largest seq"
     );
-    // The largest limit and snapshot are "all there is", capped by the namespace.
-    let mut seqs = Vec::new();
-    for i in 0..3 {
-        seqs.push(c.publish("open.edge2", json!(i)).await);
-    }
-    let h = c
-        .call(
-            json!({"type": "history", "channel": "open.edge2", "limit": u64::MAX}),
-            "history",
-        )
-        .await;
-    assert_eq!(publication_seqs(&h), seqs);
-    let h = c
-        .call(
-            json!({"type": "history", "channel": "open.edge2", "limit": 2}),
-            "history",
-        )
-        .await;
-    assert_eq!(publication_seqs(&h), seqs[1..], "limit 2: the newest two");
-    let r = c
-        .call(
-            json!({"type": "subscribe", "channel": "open.edge2", "snapshot": u64::MAX}),
-            "subscribed",
-        )
-        .await;
-    assert_eq!(r["replayed"], 3);
-    for want in &seqs {
-        assert_eq!(c.recv_type("msg").await["seq"], *want);
-    }
+    limits_check(&mut c, "open.edge2").await;
     c.ping().await;
 }
 

@@ -76,19 +76,7 @@ async fn long_replay_check(publish_on: SocketAddr, subscribe_on: SocketAddr) {
     let mut live = Some(publish_live(publish_on, channel, Arc::clone(&stop)));
 
     let mut c = connect_as(subscribe_on, "reader", &[]).await;
-    let h = c
-        .call(
-            json!({"type": "history", "channel": channel, "limit": 1}),
-            "history",
-        )
-        .await;
-    let epoch = h["position"]["epoch"].as_str().unwrap().to_string();
-    let r = c
-        .call(
-            json!({"type": "subscribe", "channel": channel, "since": {"seq": 0, "epoch": epoch}}),
-            "subscribed",
-        )
-        .await;
+    let (_, r) = resume_from_start(&mut c, channel).await;
     assert_eq!(r["recovered"], true, "{r}");
     assert!(r["replayed"].as_u64().unwrap() >= BACKLOG, "{r}");
 
@@ -144,6 +132,29 @@ async fn long_replay_under_live_publishing_is_exact_across_nodes() {
 /// are more than the socket buffers hold.
 const PAD: usize = 8 << 10;
 
+/// Subscribes from before the first publication (the epoch from a `history`
+/// call); returns the epoch and the `subscribed` reply.
+async fn resume_from_start(
+    c: &mut Client,
+    channel: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let epoch = c
+        .call(
+            json!({"type": "history", "channel": channel, "limit": 1}),
+            "history",
+        )
+        .await["position"]["epoch"]
+        .clone();
+    let since = json!({"seq": 0, "epoch": epoch});
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": channel, "since": since}),
+            "subscribed",
+        )
+        .await;
+    (epoch, r)
+}
+
 /// Reads `msg` seqs until the close; returns them and the close code.
 async fn read_to_close(c: &mut Client) -> (Vec<u64>, u16) {
     let (code, frames) = c.expect_close().await;
@@ -170,19 +181,7 @@ async fn overtaken_by_retention_check(mut cfg: switchyard::config::Config) {
     let channel = "backlog.trimmed";
     write_padded(gw.addr, channel, RETAINED, PAD).await;
     let mut slow = connect_slow(gw.addr, "slow").await;
-    let epoch = slow
-        .call(
-            json!({"type": "history", "channel": channel, "limit": 1}),
-            "history",
-        )
-        .await["position"]["epoch"]
-        .clone();
-    let r = slow
-        .call(
-            json!({"type": "subscribe", "channel": channel, "since": {"seq": 0, "epoch": epoch}}),
-            "subscribed",
-        )
-        .await;
+    let (_, r) = resume_from_start(&mut slow, channel).await;
     assert_eq!(r["recovered"], true, "{r}");
     // While it does not read, 2,000 more push the ones it has not reached out of history.
     write_padded(gw.addr, channel, RETAINED, PAD).await;
@@ -221,19 +220,7 @@ async fn a_replay_whose_backbone_stays_away_closes_1013_and_resumes_later() {
     let channel = "backlog.away";
     let total = write_padded(gw.addr, channel, RETAINED, PAD).await;
     let mut slow = connect_slow(gw.addr, "slow").await;
-    let epoch = slow
-        .call(
-            json!({"type": "history", "channel": channel, "limit": 1}),
-            "history",
-        )
-        .await["position"]["epoch"]
-        .clone();
-    let r = slow
-        .call(
-            json!({"type": "subscribe", "channel": channel, "since": {"seq": 0, "epoch": epoch}}),
-            "subscribed",
-        )
-        .await;
+    let (epoch, r) = resume_from_start(&mut slow, channel).await;
     assert_eq!(r["replayed"], total);
     nats.stop();
     let (seqs, code) = read_to_close(&mut slow).await;

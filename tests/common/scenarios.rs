@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{api_publish, connect_as};
+use super::{api_publish, connect_as, publication_seqs, Client};
 
 const SEAM_PUBLISHERS: usize = 4;
 const SEAM_PER_PUBLISHER: usize = 600;
@@ -146,5 +146,39 @@ pub async fn snapshot_check(publish_on: SocketAddr, subscribe_on: SocketAddr) {
     assert_eq!(r["replayed"], 3);
     for want in &seqs[3..] {
         assert_eq!(&c.recv_type("msg").await["seq"], want);
+    }
+}
+
+/// The largest `limit` and `snapshot` are honoured as "all there is", capped by
+/// the namespace (`max_replay`, `history_size`), not refused and not overflowed;
+/// a small `limit` gives the newest. Publishes three on `channel` through `c`.
+pub async fn limits_check(c: &mut Client, channel: &str) {
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(c.publish(channel, json!(i)).await);
+    }
+    let h = c
+        .call(
+            json!({"type": "history", "channel": channel, "limit": u64::MAX}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs);
+    let h = c
+        .call(
+            json!({"type": "history", "channel": channel, "limit": 2}),
+            "history",
+        )
+        .await;
+    assert_eq!(publication_seqs(&h), seqs[1..], "limit 2: the newest two");
+    let r = c
+        .call(
+            json!({"type": "subscribe", "channel": channel, "snapshot": u64::MAX}),
+            "subscribed",
+        )
+        .await;
+    assert_eq!(r["replayed"], 3);
+    for want in &seqs {
+        assert_eq!(c.recv_type("msg").await["seq"], *want);
     }
 }
