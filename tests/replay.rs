@@ -251,3 +251,40 @@ async fn a_replay_whose_backbone_stays_away_closes_1013_and_resumes_later() {
         assert_eq!(again.recv_type("msg").await["seq"].as_u64(), Some(want));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_replay_goes_on_when_no_consumer_can_be_created() {
+    // The account may have one consumer, and something else holds it: a long
+    // catch-up falls back to direct gets.
+    let nats = NatsServer::start_with(
+        "accounts { APP: { jetstream: { max_mem: 64MB, max_file: 512MB, max_consumers: 1 }, users: [{ user: \"app\", password: \"pw\" }] } }",
+    );
+    let mut cfg = cluster_config(&nats, "a");
+    cfg.nats.user = Some("app".into());
+    cfg.nats.password = Some("pw".into());
+    let gw = start(cfg).await;
+    let channel = "backlog.noconsumer";
+    let total = write_backlog(gw.addr, channel, 3_000).await;
+    let app = async_nats::ConnectOptions::with_user_and_password("app".into(), "pw".into())
+        .connect(&nats.url)
+        .await
+        .unwrap();
+    let stream = async_nats::jetstream::new(app)
+        .get_stream("SY_BACKLOG")
+        .await
+        .unwrap();
+    let other = async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("other".into()),
+        ..Default::default()
+    };
+    stream.create_consumer(other).await.unwrap();
+    let mut c = connect_as(gw.addr, "reader", &[]).await;
+    let (_, r) = resume_from_start(&mut c, channel).await;
+    assert_eq!(
+        (&r["recovered"], &r["replayed"]),
+        (&json!(true), &json!(total))
+    );
+    for want in 1..=total {
+        assert_eq!(c.recv_type("msg").await["seq"].as_u64(), Some(want));
+    }
+}
