@@ -143,6 +143,12 @@ impl PageLimit {
             bytes: usize::MAX,
         }
     }
+
+    /// Whether a page of `count` publications and `bytes` takes one more of `len`
+    /// bytes. An empty page takes one however large, so a replay always moves.
+    pub fn admits(&self, count: usize, bytes: usize, len: usize) -> bool {
+        count == 0 || (count < self.messages && bytes.saturating_add(len) <= self.bytes)
+    }
 }
 
 /// The first page of a channel's history from some point.

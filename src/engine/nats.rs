@@ -471,14 +471,7 @@ impl NatsBroker {
         };
         let covered = match resume {
             None => matches!(from, HistoryFrom::Latest(_)),
-            Some(after) => match &oldest {
-                // Retention drops the oldest first: if the oldest retained publication of
-                // the channel is at most one past `after`, nothing after it was dropped.
-                Some(oldest) => after.saturating_add(1) >= oldest.sequence,
-                // Nothing of the channel is left (expired or purged): only a stream that
-                // dropped nothing after `after` proves there was nothing to miss.
-                None => stream_first <= after.saturating_add(1),
-            },
+            Some(after) => !dropped_after(after, oldest.as_ref().map(|m| m.sequence), stream_first),
         };
         let position = |seq: u64| Position {
             seq: seq.max(top_seq),
@@ -525,18 +518,17 @@ impl NatsBroker {
                     truncated = true;
                     continue;
                 }
-                if publications.len() >= page.messages
-                    || (!publications.is_empty() && bytes + m.payload.len() > page.bytes)
-                {
+                let Some(p) = publication(channel, seq, m.headers.as_ref(), &m.payload) else {
+                    continue;
+                };
+                if !page.admits(publications.len(), bytes, p.msg.len()) {
                     // Counted back: this one and those after it are still to read.
                     remaining = left + 1;
                     full = true;
                     break;
                 }
-                if let Some(p) = publication(channel, seq, m.headers.as_ref(), &m.payload) {
-                    bytes += p.msg.len();
-                    publications.push(Arc::new(p));
-                }
+                bytes += p.msg.len();
+                publications.push(Arc::new(p));
             }
             // Skipped messages took part of the batch: read on until the page is
             // full or nothing is left.
@@ -564,27 +556,11 @@ impl NatsBroker {
         self.connected()?;
         let stream = ns.stream()?;
         let subject = self.subject(channel);
-        let deadline = self.cfg.request_timeout;
-        let (batch, oldest) = tokio::join!(
+        let (batch, lost) = tokio::join!(
             self.direct_batch(ns, &subject, after.saturating_add(1), page),
-            tokio::time::timeout(
-                deadline,
-                stream.direct_get_first_for_subject(subject.clone())
-            ),
+            check_dropped(stream, &subject, after, self.cfg.request_timeout),
         );
-        let batch = batch?;
-        let lost = match oldest.map_err(|_| unavailable("history", "timed out"))? {
-            Ok(m) => m.sequence > after.saturating_add(1),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                // Nothing of the channel is left: lost if the stream dropped anything after.
-                let info = tokio::time::timeout(deadline, self.js.get_stream(&ns.name))
-                    .await
-                    .map_err(|_| unavailable("history", "timed out"))?
-                    .map_err(|e| unavailable("history", e))?;
-                info.cached_info().state.first_sequence > after.saturating_add(1)
-            }
-            Err(e) => return Err(unavailable("history", e)),
-        };
+        let (batch, lost) = (batch?, lost?);
         let publications = batch
             .messages
             .into_iter()
@@ -831,6 +807,50 @@ impl Broker for NatsBroker {
     }
 }
 
+/// Whether retention may have dropped publications of a channel after `after`,
+/// from its oldest retained message and the stream's first sequence. Retention
+/// drops the oldest first: if the oldest retained publication of the channel is
+/// at most one past `after`, nothing after it was dropped. When nothing of the
+/// channel is left (expired or purged), only a stream that dropped nothing after
+/// `after` proves there was nothing to miss.
+fn dropped_after(after: u64, oldest: Option<u64>, stream_first: u64) -> bool {
+    let next = after.saturating_add(1);
+    match oldest {
+        Some(oldest) => oldest > next,
+        None => stream_first > next,
+    }
+}
+
+/// Reads what [`dropped_after`] needs, beside a replay's page: a replay that
+/// retention overtook must not go on with a gap.
+async fn check_dropped(
+    stream: &stream::Stream,
+    subject: &str,
+    after: u64,
+    timeout: Duration,
+) -> Result<bool, EngineError> {
+    let timed_out = |_| unavailable("replay", "timed out");
+    let oldest = match tokio::time::timeout(timeout, stream.direct_get_first_for_subject(subject))
+        .await
+        .map_err(timed_out)?
+    {
+        Ok(m) => Some(m.sequence),
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => None,
+        Err(e) => return Err(unavailable("replay", e)),
+    };
+    let stream_first = match oldest {
+        Some(_) => 0,
+        None => {
+            let info = tokio::time::timeout(timeout, stream.get_info())
+                .await
+                .map_err(timed_out)?
+                .map_err(|e| unavailable("replay", e))?;
+            info.state.first_sequence
+        }
+    };
+    Ok(dropped_after(after, oldest, stream_first))
+}
+
 /// A long catch-up read through an ordered pull consumer from the replay's
 /// position: the server pushes the pages (three headers a message instead of
 /// the nine of a batched direct get), at a fraction of the CPU on both sides.
@@ -905,9 +925,9 @@ impl ConsumerReplay {
         };
         let mut bytes = 0usize;
         loop {
-            if out.publications.len() >= page.messages
-                || (!out.publications.is_empty() && bytes >= page.bytes)
-            {
+            // A message taken from the consumer cannot be put back: the page is
+            // closed before the next one, and may pass the byte bound by one.
+            if !page.admits(out.publications.len(), bytes, 0) {
                 break;
             }
             // Past the end as last seen, wait only briefly: what live showed is stored
@@ -958,27 +978,14 @@ impl ReplayReader for ConsumerReplay {
         page: PageLimit,
     ) -> BoxFuture<'_, Result<ReplayPage, EngineError>> {
         Box::pin(async move {
-            // Retention overtaking the replay shows as the channel's oldest retained
-            // message being past the replay's position (read beside the page).
-            let subject = self.subject.clone();
-            let stream = self.stream.clone();
-            let timeout = self.timeout;
-            let (page, oldest) = tokio::join!(
+            let (stream, subject, timeout) =
+                (self.stream.clone(), self.subject.clone(), self.timeout);
+            let (page, lost) = tokio::join!(
                 self.read(after, page),
-                tokio::time::timeout(timeout, stream.direct_get_first_for_subject(subject)),
+                check_dropped(&stream, &subject, after, timeout),
             );
             let mut page = page?;
-            page.lost = match oldest.map_err(|_| unavailable("replay", "timed out"))? {
-                Ok(m) => m.sequence > after.saturating_add(1),
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                    let info = tokio::time::timeout(timeout, stream.get_info())
-                        .await
-                        .map_err(|_| unavailable("replay", "timed out"))?
-                        .map_err(|e| unavailable("replay", e))?;
-                    info.state.first_sequence > after.saturating_add(1)
-                }
-                Err(e) => return Err(unavailable("replay", e)),
-            };
+            page.lost = lost?;
             Ok(page)
         })
     }

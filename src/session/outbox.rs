@@ -255,11 +255,10 @@ impl Outbox {
             .conflate_backlog
             .saturating_mul(st.open_slots.max(1))
             .min(self.max_messages);
+        let short = st.live_frames() < backlog && st.live_bytes() + frame.len() <= self.max_bytes;
         let Some(s) = st.slots.get_mut(slot).filter(|s| s.open) else {
             return;
         };
-        let short = st.queue.len() - st.replay_frames < backlog
-            && st.bytes - st.replay_bytes + frame.len() <= self.max_bytes;
         if !s.queued && short {
             st.bytes += frame.len();
             st.queue.push_back(Queued::Text(frame.clone()));
@@ -475,10 +474,10 @@ mod tests {
         assert!(!o.push(frame(1)));
     }
 
-    #[tokio::test]
-    async fn replay_room_waits_until_the_client_read_the_page_down() {
+    /// An outbox of 8 (a page is 4 frames; room means at most 2 unread) holding a
+    /// full page of replay, and a task waiting for room in it.
+    async fn waiting_for_room() -> (std::sync::Arc<Outbox>, tokio::task::JoinHandle<bool>) {
         let o = std::sync::Arc::new(Outbox::new(8, 1 << 20, 16));
-        // A page is 4 frames; room means at most 2 unread.
         for _ in 0..4 {
             o.push_replay(frame(10));
         }
@@ -486,7 +485,14 @@ mod tests {
             let o = std::sync::Arc::clone(&o);
             async move { o.replay_room().await }
         });
+        // On the test's single-threaded runtime this runs the task until it waits.
         tokio::task::yield_now().await;
+        (o, waiting)
+    }
+
+    #[tokio::test]
+    async fn replay_room_waits_until_the_client_read_the_page_down() {
+        let (o, waiting) = waiting_for_room().await;
         assert!(!waiting.is_finished(), "four unread: no room yet");
         let mut items = Vec::new();
         o.take(&mut items, 2);
@@ -495,15 +501,8 @@ mod tests {
 
     #[tokio::test]
     async fn replay_room_ends_when_the_connection_closes() {
-        let o = std::sync::Arc::new(Outbox::new(8, 1 << 20, 16));
-        for _ in 0..4 {
-            o.push_replay(frame(10));
-        }
-        let waiting = tokio::spawn({
-            let o = std::sync::Arc::clone(&o);
-            async move { o.replay_room().await }
-        });
-        tokio::task::yield_now().await;
+        let (o, waiting) = waiting_for_room().await;
+        assert!(!waiting.is_finished());
         o.close(close::NORMAL, "", false);
         assert!(!waiting.await.unwrap());
     }

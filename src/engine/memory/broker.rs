@@ -293,10 +293,7 @@ fn take_page<'a>(
     let mut bytes = 0usize;
     let mut publications = Vec::with_capacity(total.min(page.messages));
     for (_, p) in entries {
-        // At least one per page, however large, so a replay always moves.
-        if publications.len() >= page.messages
-            || (!publications.is_empty() && bytes + p.msg.len() > page.bytes)
-        {
+        if !page.admits(publications.len(), bytes, p.msg.len()) {
             break;
         }
         bytes += p.msg.len();
@@ -384,7 +381,7 @@ mod tests {
         assert_eq!(publish(&b, "ns.b", None).seq, 2);
         assert_eq!(publish(&b, "ns.a", None).seq, 3);
         let page = after(&b, "ns.a", 0);
-        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        let seqs = seqs_of(&page.publications);
         assert_eq!(
             (seqs, page.complete, page.position.seq),
             (vec![1, 3], true, 3)
@@ -444,8 +441,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn wrong_epoch_and_too_much_to_replay_are_incomplete() {
+    /// A broker with ten publications on `ns.a` (seqs 1..=10), all retained.
+    fn ten_published() -> (Arc<MemoryBroker>, Channel) {
         let b = broker(NamespaceConfig {
             history_size: 1000,
             ..NamespaceConfig::default()
@@ -453,7 +450,16 @@ mod tests {
         for _ in 0..10 {
             publish(&b, "ns.a", None);
         }
-        let ch = Channel::parse("ns.a").unwrap();
+        (b, Channel::parse("ns.a").unwrap())
+    }
+
+    fn seqs_of(publications: &[Arc<Publication>]) -> Vec<u64> {
+        publications.iter().map(|p| p.seq).collect()
+    }
+
+    #[test]
+    fn wrong_epoch_and_too_much_to_replay_are_incomplete() {
+        let (b, ch) = ten_published();
         let other = HistoryFrom::After(Position {
             seq: 5,
             epoch: "other".into(),
@@ -465,7 +471,7 @@ mod tests {
             epoch: b.epoch().to_string(),
         });
         let page = b.history_now(&ch, bounded, 4, ALL).unwrap();
-        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        let seqs = seqs_of(&page.publications);
         assert_eq!(
             (page.complete, seqs),
             (false, vec![7, 8, 9, 10]),
@@ -475,14 +481,7 @@ mod tests {
 
     #[test]
     fn pages_continue_where_the_last_ended_and_report_what_is_left() {
-        let b = broker(NamespaceConfig {
-            history_size: 1000,
-            ..NamespaceConfig::default()
-        });
-        for _ in 0..10 {
-            publish(&b, "ns.a", None);
-        }
-        let ch = Channel::parse("ns.a").unwrap();
+        let (b, ch) = ten_published();
         let from = HistoryFrom::After(Position {
             seq: 2,
             epoch: b.epoch().to_string(),
@@ -490,13 +489,13 @@ mod tests {
         let first = b
             .history_now(&ch, from, 100, PageLimit::messages(3))
             .unwrap();
-        let seqs: Vec<u64> = first.publications.iter().map(|p| p.seq).collect();
+        let seqs = seqs_of(&first.publications);
         assert_eq!(
             (seqs, first.remaining, first.complete),
             (vec![3, 4, 5], 5, true)
         );
         let next = b.history_after_now(&ch, 5, PageLimit::messages(3)).unwrap();
-        let seqs: Vec<u64> = next.publications.iter().map(|p| p.seq).collect();
+        let seqs = seqs_of(&next.publications);
         assert_eq!((seqs, next.remaining, next.lost), (vec![6, 7, 8], 2, false));
         // A byte bound smaller than one publication still returns one.
         let tiny = PageLimit {
@@ -525,7 +524,7 @@ mod tests {
         // 1..=3 were trimmed: a replay standing at 1 has lost 2 and 3.
         assert!(b.history_after_now(&ch, 1, ALL).unwrap().lost);
         let page = b.history_after_now(&ch, 3, ALL).unwrap();
-        let seqs: Vec<u64> = page.publications.iter().map(|p| p.seq).collect();
+        let seqs = seqs_of(&page.publications);
         assert_eq!((seqs, page.lost), (vec![4, 5, 6], false));
     }
 }
