@@ -126,6 +126,13 @@ fn read_key(path: &std::path::Path, key: &str) -> Result<Vec<u8>, ConfigError> {
         .map_err(|e| ConfigError(format!("`{key}`: cannot read {}: {e}", path.display())))
 }
 
+fn not_a_key(key: &str, path: &std::path::Path, e: jsonwebtoken::errors::Error) -> ConfigError {
+    ConfigError(format!(
+        "`{key}`: {} is not a PEM public key: {e}",
+        path.display()
+    ))
+}
+
 impl Verifier {
     /// Loads the configured keys; a key that cannot be read or parsed is a config error.
     pub fn from_config(cfg: &AuthConfig) -> Result<Verifier, ConfigError> {
@@ -134,22 +141,26 @@ impl Verifier {
         let rsa = match &cfg.rsa_public_key {
             Some(path) => Some(
                 DecodingKey::from_rsa_pem(&read_key(path, "auth.rsa_public_key")?)
-                    .map_err(|e| ConfigError(format!("`auth.rsa_public_key`: {e}")))?,
+                    .map_err(|e| not_a_key("auth.rsa_public_key", path, e))?,
             ),
             None => None,
         };
         let ec = match &cfg.ec_public_key {
             Some(path) => Some(
                 DecodingKey::from_ec_pem(&read_key(path, "auth.ec_public_key")?)
-                    .map_err(|e| ConfigError(format!("`auth.ec_public_key`: {e}")))?,
+                    .map_err(|e| not_a_key("auth.ec_public_key", path, e))?,
             ),
             None => None,
         };
         let mut jwks = HashMap::new();
         if let Some(path) = &cfg.jwks_file {
             let text = read_key(path, "auth.jwks_file")?;
-            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&text)
-                .map_err(|e| ConfigError(format!("`auth.jwks_file`: not a JWK set: {e}")))?;
+            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&text).map_err(|e| {
+                ConfigError(format!(
+                    "`auth.jwks_file`: {} is not a JWK set: {e}",
+                    path.display()
+                ))
+            })?;
             for jwk in &set.keys {
                 let Some(kid) = jwk.common.key_id.clone() else {
                     return Err(ConfigError(

@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, default_value = "BTC-USDT,ETH-USDT", value_delimiter = ',')]
         symbols: Vec<String>,
     },
-    /// Load and validate the configuration, then exit.
+    /// Load and validate the configuration and read its key files, then exit.
     CheckConfig,
 }
 
@@ -75,13 +75,20 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve { listen: None }) {
-        Command::CheckConfig => {
-            println!(
-                "configuration is valid ({} namespaces)",
-                config.namespaces.len()
-            );
-            ExitCode::SUCCESS
-        }
+        // The key files too: a config whose keys cannot be read is refused at start.
+        Command::CheckConfig => match auth::Verifier::from_config(&config.auth) {
+            Ok(_) => {
+                println!(
+                    "configuration is valid ({} namespaces)",
+                    config.namespaces.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Token { user, ttl, caps } => match auth::mint(&config, &user, ttl, caps) {
             Ok(token) => {
                 println!("{token}");

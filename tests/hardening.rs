@@ -473,6 +473,28 @@ async fn switchyard_config_names_the_config_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/switchyard.toml"));
 }
 
+#[test]
+fn check_config_refuses_a_key_file_it_cannot_use() {
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("rsa.pub.pem");
+    std::fs::write(&not_pem, "not a PEM key").unwrap();
+    for (path, why) in [
+        (dir.path().join("missing.pem"), "missing.pem"),
+        (not_pem.clone(), "rsa.pub.pem"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["-c", cfg, "check-config"])
+            .env("SWITCHYARD_AUTH__RSA_PUBLIC_KEY", &path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}
+
 #[tokio::test]
 async fn ws_client_example_exits_when_the_server_closes() {
     // `make test` builds it first (`cargo build --examples`): `cargo test` alone
