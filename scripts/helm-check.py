@@ -31,6 +31,7 @@ SETS = [
     ("defaults", [], []),
     ("bundled", ["bundled.yaml"], []),
     ("external", ["external.yaml"], []),
+    ("external-inline", ["external-inline.yaml"], []),
     ("servicemonitor", ["servicemonitor.yaml"], [MONITORING]),
     ("no-hpa", ["no-hpa.yaml"], []),
     ("single-node", ["single-node.yaml"], []),
@@ -173,6 +174,17 @@ def check_wiring(docs_by_set):
     env = {e["name"]: e for e in chart.container(ex, "sy-switchyard")["env"]}
     if env["SWITCHYARD_REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"] != {"name": "switchyard-redis", "key": "password"}:
         fail("external: the Redis password is not read from switchyard-redis/password")
+    ei = docs_by_set["external-inline"]
+    env = {e["name"]: e for e in chart.container(ei, "sy-switchyard")["env"]}
+    own = "sy-switchyard-auth"
+    for var, key in (("SWITCHYARD_NATS__USER", "nats-user"), ("SWITCHYARD_NATS__PASSWORD", "nats-password"),
+                     ("SWITCHYARD_REDIS__PASSWORD", "redis-password")):
+        if env.get(var, {}).get("valueFrom", {}).get("secretKeyRef") != {"name": own, "key": key}:
+            fail(f"external-inline: {var} is not read from {own}/{key}")
+    if "SWITCHYARD_AUTH__HMAC_SECRET" in env or "hmac-secret" in chart.find(ei, "Secret", own)[0]["data"]:
+        fail("external-inline: an HMAC secret exists although only an RSA key was given")
+    if 'rsa_public_key = "/etc/switchyard/keys/rsa-public-key"' not in chart.config_toml(ei):
+        fail("external-inline: the RSA key file is not configured")
     sn = docs_by_set["single-node"]
     toml = chart.config_toml(sn)
     if 'kind = "memory"' not in toml or "embedded = true" not in toml or chart.find(sn, "Deployment", "sy-switchyard-feed"):

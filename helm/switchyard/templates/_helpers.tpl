@@ -170,6 +170,38 @@ integers, strings as basic strings (JSON escapes are valid TOML), lists inline.
 {{- if .Values.api.existingSecret }}{{ .Values.api.existingSecretKey }}{{ else }}api-key{{ end }}
 {{- end }}
 
+{{/*
+Where each backbone credential comes from: {"TOKEN": {"secret": ..., "key": ...}, ...}
+for NATS (TOKEN, USER, PASSWORD, CREDENTIALS) and Redis (PASSWORD): an existing
+Secret's key, or the chart's own Secret when the value is given inline.
+*/}}
+{{- define "switchyard.natsCredentials" -}}
+{{- $out := dict }}
+{{- $n := .Values.externalNats }}
+{{- if not .Values.nats.enabled }}
+{{- $own := printf "%s-auth" (include "switchyard.fullname" .) }}
+{{- range $var, $field := dict "TOKEN" "token" "USER" "user" "PASSWORD" "password" "CREDENTIALS" "credentials" }}
+{{- if $n.existingSecret }}
+{{- with index $n.existingSecretKeys $field }}{{ $_ := set $out $var (dict "secret" $n.existingSecret "key" .) }}{{ end }}
+{{- else if index $n $field }}
+{{- $_ := set $out $var (dict "secret" $own "key" (printf "nats-%s" $field)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{- define "switchyard.redisPassword" -}}
+{{- $r := .Values.externalRedis }}
+{{- if not .Values.valkey.enabled }}
+{{- if and $r.existingSecret $r.existingSecretPasswordKey }}
+{{- toJson (dict "secret" $r.existingSecret "key" $r.existingSecretPasswordKey) }}
+{{- else if $r.password }}
+{{- toJson (dict "secret" (printf "%s-auth" (include "switchyard.fullname" .)) "key" "redis-password") }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* switchyard.toml for the gateway and the feed. */}}
 {{- define "switchyard.config" -}}
 {{- $cfg := deepCopy .Values.config }}
@@ -200,7 +232,7 @@ integers, strings as basic strings (JSON escapes are valid TOML), lists inline.
 {{- if $clustered }}
 {{- $nats := default (dict) $cfg.nats }}
 {{- $_ := set $nats "url" (include "switchyard.natsUrl" .) }}
-{{- if and .Values.externalNats.existingSecret .Values.externalNats.existingSecretKeys.credentials (not .Values.nats.enabled) }}
+{{- if hasKey (include "switchyard.natsCredentials" . | fromJson) "CREDENTIALS" }}
 {{- $_ := set $nats "credentials_file" "/etc/switchyard/nats/credentials" }}
 {{- end }}
 {{- $_ := set $cfg "nats" $nats }}
@@ -251,25 +283,22 @@ integers, strings as basic strings (JSON escapes are valid TOML), lists inline.
     secretKeyRef:
       name: {{ include "switchyard.apiSecret" . }}
       key: {{ include "switchyard.apiSecretKey" . }}
-{{- with .Values.externalNats }}
-{{- if and .existingSecret (not $.Values.nats.enabled) }}
-{{- range $var, $key := dict "TOKEN" .existingSecretKeys.token "USER" .existingSecretKeys.user "PASSWORD" .existingSecretKeys.password }}
-{{- if $key }}
+{{- range $var, $ref := include "switchyard.natsCredentials" . | fromJson }}
+{{- if ne $var "CREDENTIALS" }}
 - name: SWITCHYARD_NATS__{{ $var }}
   valueFrom:
     secretKeyRef:
-      name: {{ $.Values.externalNats.existingSecret }}
-      key: {{ $key }}
+      name: {{ $ref.secret }}
+      key: {{ $ref.key }}
 {{- end }}
 {{- end }}
-{{- end }}
-{{- end }}
-{{- if and .Values.externalRedis.existingSecret .Values.externalRedis.existingSecretPasswordKey (not .Values.valkey.enabled) }}
+{{- with include "switchyard.redisPassword" . }}
+{{- $ref := fromJson . }}
 - name: SWITCHYARD_REDIS__PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.externalRedis.existingSecret }}
-      key: {{ .Values.externalRedis.existingSecretPasswordKey }}
+      name: {{ $ref.secret }}
+      key: {{ $ref.key }}
 {{- end }}
 {{- end }}
 
@@ -289,12 +318,12 @@ integers, strings as basic strings (JSON escapes are valid TOML), lists inline.
         path: {{ $file }}
 {{- end }}
 {{- end }}
-{{- if and .Values.externalNats.existingSecret .Values.externalNats.existingSecretKeys.credentials (not .Values.nats.enabled) }}
+{{- with (include "switchyard.natsCredentials" . | fromJson).CREDENTIALS }}
 - name: nats-credentials
   secret:
-    secretName: {{ .Values.externalNats.existingSecret }}
+    secretName: {{ .secret }}
     items:
-      - key: {{ .Values.externalNats.existingSecretKeys.credentials }}
+      - key: {{ .key }}
         path: credentials
 {{- end }}
 {{- end }}
@@ -309,7 +338,7 @@ integers, strings as basic strings (JSON escapes are valid TOML), lists inline.
   mountPath: /etc/switchyard/keys
   readOnly: true
 {{- end }}
-{{- if and .Values.externalNats.existingSecret .Values.externalNats.existingSecretKeys.credentials (not .Values.nats.enabled) }}
+{{- if hasKey (include "switchyard.natsCredentials" . | fromJson) "CREDENTIALS" }}
 - name: nats-credentials
   mountPath: /etc/switchyard/nats
   readOnly: true
