@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chart_render as chart  # noqa: E402
 
 CI = os.path.join(chart.CHART, "ci")
-CRD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "vendor", "crds", "servicemonitors.yaml")
+CRD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helm", "vendor", "crds", "servicemonitors.yaml")
 MONITORING = "monitoring.coreos.com/v1/ServiceMonitor"
 KUBE_VERSIONS = ["1.32.0", "1.37.0"]
 # Kinds no Kubernetes release ships a schema for (CRDs): checked apart, or only rendered.
