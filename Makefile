@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -35,6 +35,8 @@ run: build
 	@echo "then type: {\"type\":\"subscribe\",\"channel\":\"prices.BTC-USDT\"}   (live synthetic prices)"
 	@echo "           {\"type\":\"subscribe\",\"channel\":\"chat.room.1\"}"
 	@echo "           {\"type\":\"publish\",\"channel\":\"chat.room.1\",\"data\":{\"text\":\"hello\"}}"
+	@echo "Or open the demo (live prices, a chat room, presence; server.demo = true in $(CONFIG)):"
+	@echo "  http://127.0.0.1:8000/demo/"
 	@echo "Stop with Ctrl-C (the node drains its clients first)."
 	@echo ""
 	$(BIN) -c $(CONFIG) serve
@@ -54,7 +56,30 @@ test: $(NATS_SERVER) $(SCHEMATHESIS) redis-server
 	cargo build --examples --features test-hooks
 	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets --features test-hooks
 	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
+	$(MAKE) test-js
 	$(MAKE) helm-check
+
+## The TypeScript SDK (clients/js): strict build, the demo's embedded bundle is the
+## one the sources give, then node --test: unit tests against a scripted server, the
+## real binary on the memory engine and on nats-server, and the demo in chromium.
+test-js: $(NATS_SERVER) chromium
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error
+	cd clients/js && npx tsc -p tsconfig.json && npm run -s bundle
+	@cmp -s clients/js/dist/switchyard.min.js demo/switchyard.min.js || \
+		{ echo "demo/switchyard.min.js is not the bundle of clients/js/src: run make demo-bundle" >&2; exit 1; }
+	cargo build --bin switchyard
+	cd clients/js && NATS_SERVER=$(abspath $(NATS_SERVER)) SWITCHYARD_BIN=$(abspath target/debug/switchyard) npm test
+
+## Rebuilds the SDK bundle the demo page embeds (commit demo/switchyard.min.js).
+demo-bundle:
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run -s bundle
+	cp clients/js/dist/switchyard.min.js demo/switchyard.min.js
+	@wc -c < demo/switchyard.min.js | xargs echo "bytes, minified:"
+	@gzip -9 -c demo/switchyard.min.js | wc -c | xargs echo "bytes, gzipped:"
+
+# Debian's package (apt-get install chromium); .ci/run installs it.
+chromium:
+	@command -v chromium >/dev/null || { echo "chromium is missing: apt-get install chromium" >&2; exit 1; }
 
 ## The chart: lint, render each values set in helm/switchyard/ci/, validate for
 ## Kubernetes 1.32 and 1.37, refuse bad values, and check-config what the pods get.

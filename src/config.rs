@@ -59,6 +59,9 @@ pub struct ServerConfig {
     /// Origins allowed to open WebSockets: exact (`https://app.example.com`) or with a
     /// leading wildcard label (`https://*.example.com`); empty allows every origin.
     pub allowed_origins: Vec<String>,
+    /// The demo page at `/demo/` and `POST /demo/token`, which mints tokens for anyone:
+    /// development only.
+    pub demo: bool,
 }
 
 impl ServerConfig {
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             presence_page_max: 1000,
             body_read_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
+            demo: false,
         }
     }
 }

@@ -133,6 +133,12 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         tracing::info!(addr = %server.addr, node = %server.node.id, "listening");
+        if server.node.config.server.demo {
+            tracing::warn!(
+                url = %format!("http://{}/demo/", server.addr),
+                "server.demo is on: POST /demo/token mints tokens for anyone; never in production"
+            );
+        }
         let shutdown = server.node.shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

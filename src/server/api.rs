@@ -206,7 +206,7 @@ async fn body<T: for<'de> Deserialize<'de>>(
 }
 
 /// A JSON body that may be absent (empty means all defaults).
-async fn optional_body<T: for<'de> Deserialize<'de> + Default>(
+pub(super) async fn optional_body<T: for<'de> Deserialize<'de> + Default>(
     node: &Node,
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {

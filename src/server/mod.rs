@@ -2,6 +2,7 @@
 //! endpoints (`/healthz`, `/readyz`), and the drain on shutdown.
 
 pub mod api;
+pub mod demo;
 pub mod origin;
 pub mod parse_errors;
 pub mod ws;
@@ -79,6 +80,9 @@ async fn dispatch(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     if path.starts_with("/api/") {
         return api::handle(node, req).await;
+    }
+    if path == "/demo" || path.starts_with("/demo/") {
+        return demo::handle(node, req).await;
     }
     #[cfg(feature = "test-hooks")]
     if path == "/test/panic" {
