@@ -129,6 +129,9 @@ export class Subscription extends Emitter<SubscriptionEvents> {
       // Live from here: a resume continues after the top seen now.
       this.cursor = { ...reply.position };
     }
+    // An ack written on a connection that then died may never have arrived: the
+    // cursor only moves forward, so saying it again is harmless.
+    if (resumed && this.acked > 0) this.host.sendAck(this.channel, this.acked);
     this.emit("subscribed", { ...reply, resumed });
     if (!reply.recovered) {
       const gap: Gap = {
