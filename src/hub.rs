@@ -225,12 +225,15 @@ impl Hub {
 }
 
 impl Deliveries for Hub {
-    fn publication(&self, publication: &Arc<Publication>) {
-        if let Some(list) = self.channels.read().get(&publication.channel) {
-            for sub in list {
-                sub.offer(publication);
-            }
+    fn publication(&self, publication: &Arc<Publication>) -> usize {
+        let channels = self.channels.read();
+        let Some(list) = channels.get(&publication.channel) else {
+            return 0;
+        };
+        for sub in list {
+            sub.offer(publication);
         }
+        list.len()
     }
 
     fn join_leave(&self, event: &JoinLeave) {

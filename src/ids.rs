@@ -42,6 +42,11 @@ pub fn is_valid_user(user: &str) -> bool {
     visible_ascii(user, MAX_USER_BYTES)
 }
 
+/// A node id for a node configured without one (`server.node_id` empty).
+pub fn random_node_id() -> String {
+    format!("node-{:06x}", fastrand::u32(..0x100_0000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

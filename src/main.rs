@@ -115,16 +115,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
-    switchyard::telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("switchyard: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+fn serve(mut config: Config) -> ExitCode {
+    // Decided here: traces name the node (`service.instance.id`) before it starts.
+    if config.server.node_id.is_empty() {
+        config.server.node_id = switchyard::ids::random_node_id();
+    }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
-    runtime.block_on(async {
+    switchyard::telemetry::init(&config.log, &config.server.node_id, Some(runtime.handle()));
+    let code = runtime.block_on(async {
         let server = match switchyard::server::start(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -150,7 +150,10 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
         ExitCode::SUCCESS
-    })
+    });
+    // What the drain and the last requests traced is exported before the exit.
+    switchyard::telemetry::shutdown();
+    code
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
@@ -164,11 +167,15 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 fn feed(config: Config) -> ExitCode {
-    switchyard::telemetry::init(&config.log);
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
-    rt.block_on(async {
+    let id = match config.server.node_id.as_str() {
+        "" => switchyard::ids::random_node_id(),
+        id => id.to_string(),
+    };
+    switchyard::telemetry::init(&config.log, &id, Some(rt.handle()));
+    let code = rt.block_on(async {
         let feed = match switchyard::feed::standalone::start(config).await {
             Ok(f) => f,
             Err(e) => {
@@ -182,7 +189,9 @@ fn feed(config: Config) -> ExitCode {
         feed.shutdown.trigger();
         let _ = feed.task.await;
         ExitCode::SUCCESS
-    })
+    });
+    switchyard::telemetry::shutdown();
+    code
 }
 
 fn simulate(
@@ -192,10 +201,10 @@ fn simulate(
     rate: f64,
     symbols: Vec<String>,
 ) -> ExitCode {
-    switchyard::telemetry::init(&config.log);
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
+    switchyard::telemetry::init(&config.log, "simulator", Some(rt.handle()));
     rt.block_on(async {
         use switchyard::feed::simulator::{Simulator, SimulatorOptions};
         let opts = SimulatorOptions {

@@ -71,7 +71,7 @@ impl Node {
         let hub = Hub::new();
         let connections = Arc::new(Connections::default());
         let id = if config.server.node_id.is_empty() {
-            format!("node-{:06x}", fastrand::u32(..0x100_0000))
+            crate::ids::random_node_id()
         } else {
             config.server.node_id.clone()
         };

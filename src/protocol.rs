@@ -72,6 +72,8 @@ pub enum Command {
         channel: String,
         data: Box<RawValue>,
         msg_id: Option<String>,
+        /// The publisher's W3C trace context: the parent of the publish span.
+        traceparent: Option<String>,
     },
     Ack {
         channel: String,
@@ -124,6 +126,8 @@ struct Envelope<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow)]
     cursor: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    traceparent: Option<Cow<'a, str>>,
 }
 
 /// Just the id of a frame whose other fields did not parse.
@@ -179,6 +183,17 @@ pub fn parse(text: &str) -> Result<(Option<RequestId>, Command), Rejection> {
             channel: channel(kind)?,
             data: env.data.ok_or_else(|| missing("data", kind))?.to_owned(),
             msg_id: env.msg_id.as_deref().map(str::to_string),
+            traceparent: match env.traceparent.as_deref() {
+                // Bounded and printable: it reaches span attributes and the NATS header.
+                Some(t) if t.len() > 128 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                    return Err(Rejection {
+                        id,
+                        code: code::BAD_FIELD,
+                        reason: "`traceparent` must be a W3C traceparent (at most 128 visible ASCII bytes)".into(),
+                    })
+                }
+                t => t.map(str::to_string),
+            },
         },
         "ack" => Command::Ack {
             channel: channel(kind)?,

@@ -77,6 +77,35 @@ async fn malformed_frames_get_error_messages_and_the_connection_stays() {
         assert_eq!(e["code"], 104, "{bad}");
     }
 
+    // A traceparent reaches span attributes and a NATS header: bounded and printable,
+    // and nothing is published when it is not.
+    for bad in [
+        json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nX: y"),
+        json!("0".repeat(129)),
+        json!("has space"),
+        json!(7),
+    ] {
+        let e = c
+            .call(
+                json!({"type": "publish", "channel": "open.tp", "data": 1, "traceparent": bad}),
+                "error",
+            )
+            .await;
+        assert_eq!(e["code"], 103, "{bad}");
+    }
+    let h = c
+        .call(json!({"type": "history", "channel": "open.tp"}), "history")
+        .await;
+    assert_eq!(h["publications"], json!([]), "nothing was published");
+    // One that is merely not a valid trace context starts a new trace: published.
+    let p = c
+        .call(
+            json!({"type": "publish", "channel": "open.tp", "data": 1, "traceparent": "not-a-trace"}),
+            "published",
+        )
+        .await;
+    assert_eq!(p["duplicate"], false);
+
     // Binary frames are refused with an error, not a close.
     c.send_raw(Message::binary(vec![1u8, 2, 3])).await;
     assert_eq!(c.recv().await["code"], 116);

@@ -203,7 +203,8 @@ impl std::fmt::Display for EngineError {
 /// anything comes up out of an engine.
 pub trait Deliveries: Send + Sync {
     /// A live publication: once per publication per node, in seq order per channel.
-    fn publication(&self, publication: &Arc<Publication>);
+    /// Returns how many local subscriptions it was offered to.
+    fn publication(&self, publication: &Arc<Publication>) -> usize;
     /// A member joined or left a channel (namespaces with `join_leave`), from any node.
     fn join_leave(&self, event: &JoinLeave);
 }
@@ -212,7 +213,9 @@ pub trait Deliveries: Send + Sync {
 pub struct NoDeliveries;
 
 impl Deliveries for NoDeliveries {
-    fn publication(&self, _: &Arc<Publication>) {}
+    fn publication(&self, _: &Arc<Publication>) -> usize {
+        0
+    }
     fn join_leave(&self, _: &JoinLeave) {}
 }
 

@@ -125,14 +125,21 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// publisher's span (from the message's `traceparent`).
 fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Publication) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let span = tracing::info_span!("deliver", channel = %t.channel, seq = publication.seq);
+    // One span per publication per node, with how many local subscribers it reached.
+    let span = tracing::info_span!(
+        "deliver",
+        channel = %t.channel,
+        seq = crate::telemetry::int(publication.seq),
+        recipients = tracing::field::Empty,
+    );
     if let Some(h) = headers {
         let parent =
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
         let _ = span.set_parent(parent);
     }
     let _entered = span.enter();
-    t.deliveries.publication(&Arc::new(publication));
+    let recipients = t.deliveries.publication(&Arc::new(publication));
+    span.record("recipients", crate::telemetry::int(recipients));
 }
 
 fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
@@ -331,16 +338,22 @@ impl NatsBroker {
         });
         let payload = Bytes::copy_from_slice(req.data.get().as_bytes());
         let subject = self.subject(&req.channel);
-        let ack = tokio::time::timeout(self.cfg.request_timeout, async {
-            self.js
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| unavailable("publish", e))?
-                .await
-                .map_err(|e| unavailable("publish", e))
-        })
+        // Its duration is the JetStream round trip: the publish and the stream's ack.
+        let span = tracing::info_span!("jetstream.publish", subject = %subject, stream_seq = tracing::field::Empty);
+        let ack = tracing::Instrument::instrument(
+            tokio::time::timeout(self.cfg.request_timeout, async {
+                self.js
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| unavailable("publish", e))?
+                    .await
+                    .map_err(|e| unavailable("publish", e))
+            }),
+            span.clone(),
+        )
         .await
         .map_err(|_| unavailable("publish", "no acknowledgement within nats.request_timeout"))??;
+        span.record("stream_seq", crate::telemetry::int(ack.sequence));
         Ok(Published {
             seq: ack.sequence,
             duplicate: ack.duplicate,

@@ -333,17 +333,19 @@ type Answer = Result<Response<Body>, Refusal>;
 async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answer {
     match route {
         Route::Publish => {
+            let parent = caller_trace(&req);
             let b: PublishBody = match body(node, req).await {
                 Ok(b) => b,
                 Err(resp) => return Ok(resp),
             };
-            let p = publish_one(node, &b.channel, b.data, b.msg_id).await?;
+            let p = publish_one(node, &b.channel, b.data, b.msg_id, &parent).await?;
             Ok(json(
                 StatusCode::OK,
                 &PublishResult::done(b.channel, p.seq, p.duplicate),
             ))
         }
         Route::Broadcast => {
+            let parent = caller_trace(&req);
             let b: BroadcastBody = match body(node, req).await {
                 Ok(b) => b,
                 Err(resp) => return Ok(resp),
@@ -354,7 +356,9 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
             let mut results = Vec::with_capacity(b.channels.len());
             for name in b.channels {
                 // Dedupe is per channel: one msg_id covers every channel of the broadcast.
-                let r = match publish_one(node, &name, b.data.clone(), b.msg_id.clone()).await {
+                let r = match publish_one(node, &name, b.data.clone(), b.msg_id.clone(), &parent)
+                    .await
+                {
                     Ok(p) => PublishResult::done(name, p.seq, p.duplicate),
                     Err(r) => PublishResult {
                         channel: name,
@@ -557,16 +561,31 @@ struct UserBody {
     connections: Vec<ClientInfo>,
 }
 
+/// The caller's `traceparent`/`tracestate` headers, as the parent of its publish span.
+fn caller_trace(req: &Request<Incoming>) -> opentelemetry::Context {
+    let header = |k| req.headers().get(k).and_then(|v| v.to_str().ok());
+    crate::telemetry::remote_parent(header("traceparent"), header("tracestate"))
+}
+
 async fn publish_one(
     node: &Node,
     name: &str,
     data: Box<RawValue>,
     msg_id: Option<String>,
+    parent: &opentelemetry::Context,
 ) -> Result<crate::engine::Published, Refusal> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     let (channel, ns) = request::resolve(node, name)?;
     request::check_publication(ns, &data, msg_id.as_deref())?;
-    let span = tracing::info_span!("api_publish", channel = %channel);
-    Ok(node
+    let span = tracing::info_span!(
+        "api_publish",
+        channel = %channel,
+        namespace = channel.namespace(),
+        seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+    );
+    let _ = span.set_parent(parent.clone());
+    let published = node
         .engine
         .broker
         .publish(PublishRequest {
@@ -575,8 +594,11 @@ async fn publish_one(
             from: None,
             msg_id,
         })
-        .instrument(span)
-        .await?)
+        .instrument(span.clone())
+        .await?;
+    span.record("seq", crate::telemetry::int(published.seq));
+    span.record("duplicate", published.duplicate);
+    Ok(published)
 }
 
 /// A cached price with its age.

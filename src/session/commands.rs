@@ -277,7 +277,9 @@ impl Session {
         name: &str,
         data: Box<RawValue>,
         msg_id: Option<String>,
+        traceparent: Option<&str>,
     ) -> Outcome {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
         let node = Arc::clone(&self.node);
         let (channel, ns) = request::resolve(&node, name)?;
         self.require(ns, Permission::Pub, &channel)?;
@@ -291,7 +293,17 @@ impl Session {
             ));
         }
         request::check_publication(ns, &data, msg_id.as_deref())?;
-        let span = tracing::info_span!("publish", channel = %channel, user = %self.identity.user);
+        let span = tracing::info_span!(
+            "publish",
+            channel = %channel,
+            namespace = channel.namespace(),
+            user = %self.identity.user,
+            seq = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+        );
+        if traceparent.is_some() {
+            let _ = span.set_parent(crate::telemetry::remote_parent(traceparent, None));
+        }
         let published = self
             .node
             .engine
@@ -302,8 +314,10 @@ impl Session {
                 from: Some(Arc::clone(&self.identity.user)),
                 msg_id,
             })
-            .instrument(span)
+            .instrument(span.clone())
             .await?;
+        span.record("seq", crate::telemetry::int(published.seq));
+        span.record("duplicate", published.duplicate);
         self.link.outbox.push_reply(protocol::reply(
             "published",
             id,

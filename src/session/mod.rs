@@ -379,7 +379,11 @@ impl Session {
                 channel,
                 data,
                 msg_id,
-            } => self.publish(id, &channel, data, msg_id).await,
+                traceparent,
+            } => {
+                self.publish(id, &channel, data, msg_id, traceparent.as_deref())
+                    .await
+            }
             Command::Ack { channel, seq } => self.ack(&channel, seq).await,
             Command::History {
                 channel,

@@ -113,10 +113,14 @@ pub fn config() -> Config {
 /// Starts a gateway with `config`.
 pub async fn start(config: Config) -> RunningServer {
     // Quiet unless RUST_LOG asks for more.
-    switchyard::telemetry::init(&switchyard::config::LogConfig {
-        level: "warn".into(),
-        json: false,
-    });
+    switchyard::telemetry::init(
+        &switchyard::config::LogConfig {
+            level: "warn".into(),
+            json: false,
+        },
+        "test",
+        None,
+    );
     let gw = server::start(config).await.expect("gateway starts");
     // The engine connects and looks up its streams in the background.
     let broker = std::sync::Arc::clone(&gw.node.engine.broker);

@@ -1,4 +1,5 @@
-// Real parts for the SDK tests: the switchyard binary (memory engine, or nats
+// Real parts for the SDK tests: the switchyard binary (SDK_TEST_BINARY, not a
+// SWITCHYARD_* name: the binary reads those as config; memory engine, or nats
 // engine against a real nats-server -js), on free loopback ports, stopped by PID.
 
 import { spawn, execFileSync } from "node:child_process";
@@ -11,7 +12,7 @@ import WebSocket from "ws";
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const ROOT = resolve(here, "..", "..", "..");
-export const BIN = process.env.SWITCHYARD_BIN ?? join(ROOT, "target", "debug", "switchyard");
+export const BIN = process.env.SDK_TEST_BINARY ?? join(ROOT, "target", "debug", "switchyard");
 export const CONFIG = join(ROOT, "config", "switchyard.toml");
 export const HMAC = "sdk-test-hmac-secret-0123456789";
 export const API_KEY = "sdk-test-api-key-0123456789";

@@ -197,7 +197,15 @@ impl MemoryBroker {
             d.order.push_back((now, key));
         }
         drop(dedupe);
-        self.deliveries.publication(&publication);
+        // As on the NATS engine: one span per publication, with its local reach.
+        let span = tracing::info_span!(
+            "deliver",
+            channel = %publication.channel,
+            seq = crate::telemetry::int(seq),
+            recipients = tracing::field::Empty,
+        );
+        let recipients = span.in_scope(|| self.deliveries.publication(&publication));
+        span.record("recipients", crate::telemetry::int(recipients));
         Ok(Published {
             seq,
             duplicate: false,
