@@ -118,8 +118,9 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let json = JsonLine::default();
     let fmt = if cfg.json {
-        fmt.json().with_filter(filter).boxed()
+        fmt.event_format(json.clone()).with_filter(filter).boxed()
     } else {
         fmt.with_filter(filter).boxed()
     };
@@ -130,10 +131,15 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
         .with_tracer(provider.tracer("switchyard"))
         .with_filter(LevelFilter::INFO);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let _ = tracing_subscriber::registry()
+    // `try_init` also routes the `log` records of libraries into tracing.
+    if tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok()
+    {
+        tracing::dispatcher::get_default(|d| json.dispatch.set(d.downgrade()).ok());
+    }
 }
 
 /// Exports what is still batched and stops the exporter. Blocks: call it outside
@@ -164,4 +170,148 @@ pub fn remote_parent(
 /// would be exported as a string).
 pub fn int(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
+}
+
+/// JSON log lines — `{"timestamp", "level", "target", "fields": {...}}`, the shape of
+/// tracing-subscriber's — with the `trace_id` and `span_id` of the span they were
+/// emitted in, so a log line leads to its trace.
+#[derive(Clone, Default)]
+struct JsonLine {
+    /// The dispatcher this formatter runs in, set once it is built: the trace
+    /// context of a span is read through it.
+    dispatch: std::sync::Arc<OnceLock<tracing::dispatcher::WeakDispatch>>,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use opentelemetry::trace::TraceContextExt;
+        use serde_json::{Map, Value};
+        let mut fields = Map::new();
+        event.record(&mut JsonFields(&mut fields));
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("fields".into(), Value::Object(fields));
+        line.insert("target".into(), meta.target().into());
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), span.name().into());
+            // Not `dispatcher::get_default`: inside an event it is the no-op dispatcher.
+            let dispatch = self.dispatch.get().and_then(|w| w.upgrade());
+            let cx = dispatch.and_then(|d| tracing_opentelemetry::get_otel_context(&span.id(), &d));
+            let sc = cx.map(|cx| cx.span().span_context().clone());
+            if let Some(sc) = sc.filter(|sc| sc.is_valid()) {
+                line.insert("trace_id".into(), sc.trace_id().to_string().into());
+                line.insert("span_id".into(), sc.span_id().to_string().into());
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| std::fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::JsonLine;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_trace_and_span_ids_of_their_span() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let json = JsonLine::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(json.clone())
+                    .with_writer(move || out.clone()),
+            )
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let dispatch = tracing::Dispatch::new(subscriber);
+        json.dispatch.set(dispatch.downgrade()).unwrap();
+        let (trace_id, span_id) = tracing::dispatcher::with_default(&dispatch, || {
+            tracing::warn!(n = 1u64, "outside");
+            let span = tracing::info_span!("work");
+            let _entered = span.enter();
+            tracing::warn!(answer = 42, who = %"me", "inside");
+            let cx = span.context();
+            let sc = cx.span().span_context().clone();
+            (sc.trace_id().to_string(), sc.span_id().to_string())
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["fields"]["message"], "outside");
+        assert_eq!(lines[0]["fields"]["n"], 1);
+        assert!(lines[0].get("trace_id").is_none());
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["fields"]["message"], "inside");
+        assert_eq!(lines[1]["fields"]["answer"], 42);
+        assert_eq!(lines[1]["fields"]["who"], "me");
+        assert_eq!(lines[1]["span"], "work");
+        assert_eq!(lines[1]["trace_id"], trace_id.as_str());
+        assert_eq!(lines[1]["span_id"], span_id.as_str());
+        assert_eq!(trace_id.len(), 32);
+    }
 }

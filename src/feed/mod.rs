@@ -207,6 +207,11 @@ impl TickSink {
     /// second publication, and before any later tick of the symbol, so order holds.
     /// Gives up after `retry_for`: a price that old is of no use.
     pub async fn publish_retrying(&self, tick: &Tick) -> Result<(), EngineError> {
+        let span = tracing::info_span!("feed.tick", symbol = %tick.symbol, source = %tick.source);
+        tracing::Instrument::instrument(self.publish_until_done(tick), span).await
+    }
+
+    async fn publish_until_done(&self, tick: &Tick) -> Result<(), EngineError> {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(50);
         loop {

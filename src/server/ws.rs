@@ -94,7 +94,19 @@ fn unauthorized(e: &AuthError) -> Response<Body> {
 }
 
 /// Answers `GET /ws`: refuses with a JSON error or returns `101` and starts the session.
-pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+pub fn upgrade(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    // The outcome is the HTTP status: 101 accepted, else the refusal (never the token).
+    let span = tracing::info_span!(
+        "ws.connect",
+        user = tracing::field::Empty,
+        status = tracing::field::Empty
+    );
+    let resp = span.in_scope(|| accept(node, req));
+    span.record("status", resp.status().as_u16());
+    resp
+}
+
+fn accept(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     if node.shutdown.is_draining() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -166,6 +178,7 @@ pub fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             Err(e) => return unauthorized(&e),
         },
     };
+    tracing::Span::current().record("user", &*identity.user);
     if identity
         .jti
         .as_deref()

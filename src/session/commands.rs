@@ -162,6 +162,9 @@ impl Session {
         };
         let replayed =
             page.publications.iter().filter(|p| p.seq > after).count() as u64 + page.remaining;
+        let span = tracing::Span::current();
+        span.record("replayed", crate::telemetry::int(replayed));
+        span.record("recovered", recovered);
         let reply = protocol::reply(
             "subscribed",
             id,
@@ -183,7 +186,9 @@ impl Session {
                 page.remaining,
                 node.config.session.replay_retry_for,
             );
-            Some(tokio::spawn(task))
+            // A child of the subscribe span: the rest of the replay, however long it takes.
+            let replay = tracing::info_span!("replay", channel = %channel, remaining = crate::telemetry::int(page.remaining));
+            Some(tokio::spawn(task.instrument(replay)))
         } else {
             None
         };
@@ -380,6 +385,7 @@ impl Session {
             .broker
             .history(&channel, from, limit, PageLimit::messages(limit))
             .await?;
+        tracing::Span::current().record("count", crate::telemetry::int(page.publications.len()));
         self.link.outbox.push_reply(protocol::reply(
             "history",
             id,

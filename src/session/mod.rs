@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -373,7 +375,19 @@ impl Session {
                 channel,
                 since,
                 snapshot,
-            } => self.subscribe(id, &channel, since, snapshot).await,
+            } => {
+                let span = tracing::info_span!(
+                    "subscribe",
+                    channel = %channel,
+                    user = %self.identity.user,
+                    resumed = since.is_some(),
+                    replayed = tracing::field::Empty,
+                    recovered = tracing::field::Empty,
+                );
+                self.subscribe(id, &channel, since, snapshot)
+                    .instrument(span)
+                    .await
+            }
             Command::Unsubscribe { channel } => self.unsubscribe(id, &channel).await,
             Command::Publish {
                 channel,
@@ -389,12 +403,22 @@ impl Session {
                 channel,
                 since,
                 limit,
-            } => self.history(id, &channel, since, limit).await,
+            } => {
+                let span = tracing::info_span!("history", channel = %channel, count = tracing::field::Empty);
+                self.history(id, &channel, since, limit)
+                    .instrument(span)
+                    .await
+            }
             Command::Presence {
                 channel,
                 cursor,
                 limit,
-            } => self.presence(id, &channel, cursor, limit).await,
+            } => {
+                let span = tracing::info_span!("presence", channel = %channel);
+                self.presence(id, &channel, cursor, limit)
+                    .instrument(span)
+                    .await
+            }
             Command::Refresh { token } => self.refresh(id, &token),
             Command::Ping => {
                 self.link

@@ -82,6 +82,20 @@ impl Store {
     /// Runs a pipeline; loads the scripts and retries once when Redis lost them
     /// (a restart), and maps failures to [`EngineError::Degraded`].
     pub(super) async fn exec(&self, pipe: &Pipeline) -> Result<Vec<Value>, EngineError> {
+        // Traced as a step of whatever asked (a subscribe, a presence page); the
+        // background heartbeat and ack flushes run outside any span and stay silent.
+        let parent = tracing::Span::current();
+        if parent.is_none() {
+            return self.exec_untraced(pipe).await;
+        }
+        let span = tracing::info_span!(
+            "redis",
+            commands = crate::telemetry::int(pipe.cmd_iter().count())
+        );
+        tracing::Instrument::instrument(self.exec_untraced(pipe), span).await
+    }
+
+    async fn exec_untraced(&self, pipe: &Pipeline) -> Result<Vec<Value>, EngineError> {
         for attempt in 0..2 {
             let mut conn = self.conn().await?;
             let values: Vec<Value> = match pipe.query_async(&mut conn).await {
