@@ -4,6 +4,7 @@ spec, with Secret references resolved from the rendered Secrets, or a stand-in
 for Secrets the release expects to exist). Used by helm-check.py and
 image-smoke.py."""
 
+import base64
 import os
 import subprocess
 
@@ -48,8 +49,6 @@ def find(docs, kind, name=None):
 
 def secret_value(docs, name, key):
     for s in find(docs, "Secret", name):
-        import base64
-
         data = s.get("data") or {}
         if key in data:
             return base64.b64decode(data[key]).decode()
@@ -94,9 +93,12 @@ def config_toml(docs):
     return cms[0]["data"]["switchyard.toml"]
 
 
-def materialize(docs, deployment, root):
+def materialize(docs, deployment, root, rewrite=True):
     """Writes the files the pod mounts under /etc/switchyard into `root`, and returns
-    (config path, environment) with /etc/switchyard paths pointing into `root`."""
+    (the config file written, environment); with `rewrite`, /etc/switchyard paths in both point
+    into `root` (to run the binary on this host), else they stay (a container mounts
+    the files there)."""
+    into = root.rstrip("/") + "/" if rewrite else "/etc/switchyard/"
     os.makedirs(root, exist_ok=True)
     c = container(docs, deployment)
     pod = find(docs, "Deployment", deployment)[0]["spec"]["template"]["spec"]
@@ -105,13 +107,14 @@ def materialize(docs, deployment, root):
         v = volumes[m["name"]]
         target = os.path.join(root, os.path.relpath(m["mountPath"], "/etc/switchyard"))
         if "configMap" in v:
+            config_path = target
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(target, "w") as f:
-                f.write(config_toml(docs).replace("/etc/switchyard/", root.rstrip("/") + "/"))
+                f.write(config_toml(docs).replace("/etc/switchyard/", into))
         else:
             os.makedirs(target, exist_ok=True)
             for item in v["secret"]["items"]:
                 with open(os.path.join(target, item["path"]), "w") as f:
                     f.write(secret_value(docs, v["secret"]["secretName"], item["key"]))
-    env = {k: v.replace("/etc/switchyard/", root.rstrip("/") + "/") for k, v in pod_env(docs, deployment).items()}
-    return env["SWITCHYARD_CONFIG"], env
+    env = {k: v.replace("/etc/switchyard/", into) for k, v in pod_env(docs, deployment).items()}
+    return config_path, env

@@ -49,18 +49,6 @@ def wait_ready(url, what, proc_check):
     raise SystemExit(f"image-smoke: {what} not ready at {url} within {TIMEOUT}s: {last}")
 
 
-def write_pod(docs, deployment, root):
-    """The pod's /etc/switchyard as files under root (no path rewriting: the
-    container mounts them where the chart does), and its environment."""
-    cfg, env = chart.materialize(docs, deployment, root)
-    with open(cfg) as f:
-        text = f.read().replace(root.rstrip("/") + "/", "/etc/switchyard/")
-    with open(cfg, "w") as f:
-        f.write(text)
-    env = {k: v.replace(root.rstrip("/") + "/", "/etc/switchyard/") for k, v in env.items()}
-    return cfg, env
-
-
 def podman_run(image, name, cfg, env, args, extra_env):
     cmd = [PODMAN, "run", "-d", "--name", name, "--network", "host", "--read-only",
            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
@@ -125,8 +113,9 @@ def main():
             ])
             if code != 0:
                 raise SystemExit(f"image-smoke: helm template: {err}")
-            gw_cfg, gw_env = write_pod(docs, "sy-switchyard", os.path.join(tmp, "gateway"))
-            feed_cfg, feed_env = write_pod(docs, "sy-switchyard-feed", os.path.join(tmp, "feed"))
+            # Paths stay /etc/switchyard/...: the containers mount the files there.
+            gw_cfg, gw_env = chart.materialize(docs, "sy-switchyard", os.path.join(tmp, "gateway"), rewrite=False)
+            feed_cfg, feed_env = chart.materialize(docs, "sy-switchyard-feed", os.path.join(tmp, "feed"), rewrite=False)
             for d in ("gateway", "feed"):
                 os.chmod(os.path.join(tmp, d), 0o755)
                 os.chmod(os.path.join(tmp, d, "switchyard.toml"), 0o644)
