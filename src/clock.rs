@@ -8,6 +8,12 @@ pub fn unix_ms() -> u64 {
     since_epoch().as_millis() as u64
 }
 
+/// Current Unix time in milliseconds, with the fraction (for latencies measured
+/// against a publication's whole-millisecond `ts`).
+pub fn unix_ms_fraction() -> f64 {
+    since_epoch().as_secs_f64() * 1000.0
+}
+
 /// Current Unix time in seconds.
 pub fn unix_now() -> u64 {
     since_epoch().as_secs()

@@ -25,6 +25,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub feed: FeedConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Options per channel namespace (the first token of a channel name).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
 }
@@ -422,6 +423,30 @@ impl Default for SyntheticConfig {
     }
 }
 
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A listener of its own for `/metrics` (then not served on `server.listen`);
+    /// empty: `/metrics` is on `server.listen`.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The separate metrics listener, if one is configured.
+    pub fn listener(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| {
+            ConfigError(format!(
+                "`metrics.listen`: {:?} is not an address (host:port): {e}",
+                self.listen
+            ))
+        })
+    }
+}
+
 /// Logging output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -550,6 +575,11 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, why: &str| Err(ConfigError(format!("`{key}`: {why}")));
+        if let Some(addr) = self.metrics.listener()? {
+            if addr == self.server.listen {
+                return err("metrics.listen", "must differ from server.listen");
+            }
+        }
         let s = &self.session;
         if s.ping_interval.is_zero() {
             return err("session.ping_interval", "must be greater than zero");

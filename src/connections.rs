@@ -103,6 +103,23 @@ impl Connections {
     }
 }
 
+impl Connections {
+    /// The largest outbox backlog (frames) and the bytes queued in all outboxes.
+    pub fn backlog(&self) -> (usize, usize) {
+        // Copied out: the index is not held while each outbox is locked.
+        let outboxes: Vec<Arc<Outbox>> = self
+            .by_user
+            .lock()
+            .values()
+            .flat_map(|u| u.conns.iter().map(|c| Arc::clone(&c.outbox)))
+            .collect();
+        outboxes.iter().fold((0, 0), |(frames, bytes), o| {
+            let (f, b) = o.backlog();
+            (frames.max(f), bytes + b)
+        })
+    }
+}
+
 impl LocalConnections for Connections {
     /// Open connections indexed.
     fn count(&self) -> usize {

@@ -17,7 +17,8 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::channel::Channel;
 use crate::engine::{Deliveries, JoinLeave, Publication};
-use crate::session::outbox::Outbox;
+use crate::metrics::Delivering;
+use crate::session::outbox::{Outbox, Stamp};
 
 enum Phase {
     /// History is being replayed: live publications are not queued (they are in
@@ -81,26 +82,30 @@ impl Subscription {
         })
     }
 
-    /// Offers one live publication.
-    fn offer(&self, publication: &Arc<Publication>) {
+    /// Offers one live publication (`stamp`: sampled for the latency histogram);
+    /// whether it was queued.
+    fn offer(&self, publication: &Arc<Publication>, stamp: Option<Stamp>) -> bool {
         let mut st = self.state.lock();
         match &mut st.phase {
-            Phase::Replaying { live_max } => *live_max = (*live_max).max(publication.seq),
-            Phase::Cancelled => {}
-            Phase::Live => {
-                if publication.seq > st.last_seq {
-                    st.last_seq = publication.seq;
-                    self.enqueue(&publication.msg);
-                }
+            Phase::Replaying { live_max } => {
+                *live_max = (*live_max).max(publication.seq);
+                false
             }
-        }
-    }
-
-    fn enqueue(&self, frame: &Bytes) {
-        match &self.conflation {
-            Some((slot, skipped)) => self.outbox.push_conflated(*slot, frame, skipped),
-            None => {
-                self.outbox.push(frame.clone());
+            Phase::Cancelled => false,
+            Phase::Live => {
+                if publication.seq <= st.last_seq {
+                    return false;
+                }
+                st.last_seq = publication.seq;
+                let frame = &publication.msg;
+                match (&self.conflation, stamp) {
+                    (Some((slot, skipped)), stamp) => {
+                        self.outbox.push_conflated(*slot, frame, stamp, skipped);
+                        true
+                    }
+                    (None, Some(stamp)) => self.outbox.push_stamped(frame.clone(), stamp),
+                    (None, None) => self.outbox.push(frame.clone()),
+                }
             }
         }
     }
@@ -179,10 +184,17 @@ impl Subscription {
     }
 }
 
+/// One channel's local subscriptions.
+struct Local {
+    subs: Vec<Arc<Subscription>>,
+    /// The channel's namespace's series, looked up once per channel.
+    metrics: Arc<Delivering>,
+}
+
 /// This node's local subscription index.
 #[derive(Default)]
 pub struct Hub {
-    channels: RwLock<HashMap<Channel, Vec<Arc<Subscription>>>>,
+    channels: RwLock<HashMap<Channel, Local>>,
     /// Publications replaced unsent in conflated subscriptions (latest value won).
     conflated: Arc<AtomicU64>,
 }
@@ -205,19 +217,26 @@ impl Hub {
 
     /// Adds a subscription.
     pub fn add(&self, sub: Arc<Subscription>) {
-        self.channels
-            .write()
-            .entry(sub.channel.clone())
-            .or_default()
-            .push(sub);
+        let mut map = self.channels.write();
+        let local = map.entry(sub.channel.clone()).or_insert_with(|| Local {
+            subs: Vec::new(),
+            metrics: crate::metrics::get().delivering(sub.channel.namespace()),
+        });
+        local.metrics.subscriptions.increment(1);
+        local.subs.push(sub);
     }
 
     /// Removes a subscription.
     pub fn remove(&self, channel: &Channel, id: u64) {
         let mut map = self.channels.write();
-        if let Some(list) = map.get_mut(channel) {
-            list.retain(|s| s.id != id);
-            if list.is_empty() {
+        if let Some(local) = map.get_mut(channel) {
+            let before = local.subs.len();
+            local.subs.retain(|s| s.id != id);
+            local
+                .metrics
+                .subscriptions
+                .decrement((before - local.subs.len()) as f64);
+            if local.subs.is_empty() {
                 map.remove(channel);
             }
         }
@@ -227,23 +246,36 @@ impl Hub {
 impl Deliveries for Hub {
     fn publication(&self, publication: &Arc<Publication>) -> usize {
         let channels = self.channels.read();
-        let Some(list) = channels.get(&publication.channel) else {
+        let Some(local) = channels.get(&publication.channel) else {
             return 0;
         };
-        for sub in list {
-            sub.offer(publication);
+        // One recipient per publication, picked at random, carries the stamp: the
+        // histogram costs one sample per publication, not one per delivery.
+        let sampled = fastrand::usize(..local.subs.len().max(1));
+        let mut queued = 0u64;
+        for (i, sub) in local.subs.iter().enumerate() {
+            let stamp = (i == sampled).then(|| Stamp {
+                ts_ms: publication.ts,
+                latency: local.metrics.delivery_latency.clone(),
+            });
+            queued += u64::from(sub.offer(publication, stamp));
         }
-        list.len()
+        local.metrics.deliveries.increment(queued);
+        local
+            .metrics
+            .delivered_bytes
+            .increment(queued * publication.msg.len() as u64);
+        local.subs.len()
     }
 
     fn join_leave(&self, event: &JoinLeave) {
         let Ok(channel) = Channel::parse(&event.channel) else {
             return;
         };
-        if let Some(list) = self.channels.read().get(&channel) {
+        if let Some(local) = self.channels.read().get(&channel) {
             // Encoded once for every subscriber of the channel.
             let frame = crate::protocol::encode(event);
-            for sub in list {
+            for sub in &local.subs {
                 sub.outbox.push(frame.clone());
             }
         }
@@ -263,7 +295,7 @@ mod tests {
 
     fn drain(outbox: &Outbox) -> Vec<String> {
         let mut items = Vec::new();
-        let _ = outbox.take(&mut items, usize::MAX);
+        let _ = outbox.take(&mut items, &mut Vec::new(), usize::MAX);
         items
             .into_iter()
             .filter_map(|i| match i {
@@ -370,7 +402,7 @@ mod tests {
             hub.publication(&publication(&ch, seq));
         }
         let mut items = Vec::new();
-        match outbox.take(&mut items, usize::MAX) {
+        match outbox.take(&mut items, &mut Vec::new(), usize::MAX) {
             Batch::Close(c) => assert_eq!(c.code, crate::protocol::close::SLOW_CONSUMER),
             Batch::Frames => panic!("expected a close"),
         }
@@ -415,7 +447,7 @@ mod tests {
         let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), None);
         assert!(!sub.begin(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 1)], 0));
         let mut items = Vec::new();
-        match outbox.take(&mut items, usize::MAX) {
+        match outbox.take(&mut items, &mut Vec::new(), usize::MAX) {
             Batch::Close(c) => assert_eq!(c.code, crate::protocol::close::SLOW_CONSUMER),
             Batch::Frames => panic!("expected a close"),
         }

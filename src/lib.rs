@@ -15,6 +15,7 @@ pub mod engine;
 pub mod feed;
 pub mod hub;
 pub mod ids;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod request;

@@ -217,7 +217,9 @@ impl NatsBroker {
                     async_nats::Event::Connected => {
                         *errors.lock() = None;
                         on_event.send_modify(|n| *n += 1);
+                        crate::metrics::get().nats_connected();
                     }
+                    async_nats::Event::Disconnected => crate::metrics::get().nats_disconnected(),
                     async_nats::Event::ServerError(e) => *errors.lock() = Some(e.to_string()),
                     async_nats::Event::ClientError(e) => *errors.lock() = Some(e.to_string()),
                     _ => {}
@@ -340,6 +342,7 @@ impl NatsBroker {
         let subject = self.subject(&req.channel);
         // Its duration is the JetStream round trip: the publish and the stream's ack.
         let span = tracing::info_span!("jetstream.publish", subject = %subject, stream_seq = tracing::field::Empty);
+        let started = std::time::Instant::now();
         let ack = tracing::Instrument::instrument(
             tokio::time::timeout(self.cfg.request_timeout, async {
                 self.js
@@ -354,6 +357,10 @@ impl NatsBroker {
         .await
         .map_err(|_| unavailable("publish", "no acknowledgement within nats.request_timeout"))??;
         span.record("stream_seq", crate::telemetry::int(ack.sequence));
+        crate::metrics::get()
+            .publishing(req.channel.namespace())
+            .jetstream_publish
+            .record(crate::metrics::since(started));
         Ok(Published {
             seq: ack.sequence,
             duplicate: ack.duplicate,
@@ -717,8 +724,20 @@ async fn run_live(mut t: LiveTask) {
 
 /// Delivers the stored publications of the channel between `last` and `until`
 /// (exclusive) that the live subject did not bring; returns the last delivered.
-async fn repair(t: &LiveTask, mut last: u64, until: u64) -> u64 {
+async fn repair(t: &LiveTask, last: u64, until: u64) -> u64 {
     tracing::debug!(channel = %t.channel, from = last, until, "repairing a live gap");
+    let repaired = repair_from(t, last, until).await;
+    if repaired > last {
+        crate::metrics::get()
+            .delivering(t.channel.namespace())
+            .gap_repairs
+            .increment(1);
+    }
+    repaired
+}
+
+/// The loop of [`repair`]: one direct get per missing publication.
+async fn repair_from(t: &LiveTask, mut last: u64, until: u64) -> u64 {
     loop {
         match t
             .stream

@@ -127,30 +127,22 @@ impl Health {
     }
 }
 
-/// Appends the connectors' counters in the Prometheus text format.
-pub fn write_metrics(health: &Health, out: &mut String) {
-    use std::fmt::Write;
-    let status = health.status();
-    if status.is_empty() {
-        return;
-    }
-    type Value = fn(&LinkStatus) -> u64;
-    let series: [(&str, &str, Value); 4] = [
-        ("switchyard_feed_ticks_total", "counter", |s| s.ticks),
-        ("switchyard_feed_reconnects_total", "counter", |s| {
-            s.reconnects
-        }),
-        ("switchyard_feed_malformed_total", "counter", |s| {
-            s.malformed
-        }),
-        ("switchyard_feed_connected", "gauge", |s| {
-            u64::from(s.connected)
-        }),
-    ];
-    for (name, kind, value) in series {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for s in &status {
-            let _ = writeln!(out, "{name}{{source=\"{}\"}} {}", s.source, value(s));
+/// Copies the connectors' state into the process's metrics (at scrape time).
+pub fn export_metrics(health: &Health) {
+    let m = crate::metrics::get();
+    for s in health.status() {
+        let source = || vec![metrics::Label::new("source", s.source.clone())];
+        m.gauge("switchyard_feed_connected", source())
+            .set(f64::from(u8::from(s.connected)));
+        m.counter("switchyard_feed_ticks_total", source())
+            .absolute(s.ticks);
+        m.counter("switchyard_feed_reconnects_total", source())
+            .absolute(s.reconnects);
+        m.counter("switchyard_feed_malformed_total", source())
+            .absolute(s.malformed);
+        if let Some(age) = s.last_tick_age_ms {
+            m.gauge("switchyard_feed_last_tick_age_seconds", source())
+                .set(age as f64 / 1000.0);
         }
     }
 }
@@ -162,6 +154,7 @@ pub struct TickSink {
     namespace: String,
     /// How long a tick is retried while the broker is unavailable (`feed.stale_after`).
     retry_for: Duration,
+    metrics: Arc<crate::metrics::Publishing>,
 }
 
 impl TickSink {
@@ -178,6 +171,7 @@ impl TickSink {
             prices,
             namespace: namespace.to_string(),
             retry_for,
+            metrics: crate::metrics::get().publishing(namespace),
         }
     }
 
@@ -189,15 +183,19 @@ impl TickSink {
         let data = serde_json::value::to_raw_value(tick)
             .map_err(|e| EngineError::Rejected(format!("tick: {e}")))?;
         self.prices.put(tick);
-        self.broker
+        let published = self
+            .broker
             .publish(PublishRequest {
                 channel,
                 data,
                 from: None,
                 msg_id: Some(tick.msg_id()),
             })
-            .await
-            .map(drop)
+            .await;
+        // Every attempt counts: a retried 113 is a failure, then a publication.
+        self.metrics
+            .outcome(crate::metrics::Source::Feed, &published);
+        published.map(drop)
     }
 }
 

@@ -59,6 +59,7 @@ pub async fn start(config: Config) -> Result<RunningFeed, ConfigError> {
         config.feed.stale_after,
     ));
     super::start(&config.feed, sink, Arc::clone(&health), shutdown.clone());
+    crate::metrics::started(&config, "feed", shutdown.clone());
     let served = serve(
         listener,
         Arc::clone(&health),
@@ -136,9 +137,9 @@ fn route<B>(
             (status, body.to_string(), "application/json")
         }
         (&Method::GET, "/metrics") => {
-            let mut out = String::new();
-            super::write_metrics(health, &mut out);
-            (StatusCode::OK, out, "text/plain; version=0.0.4")
+            super::export_metrics(health);
+            let body = crate::metrics::get().render();
+            (StatusCode::OK, body, "text/plain; version=0.0.4")
         }
         _ => (
             StatusCode::NOT_FOUND,

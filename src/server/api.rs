@@ -585,6 +585,7 @@ async fn publish_one(
         duplicate = tracing::field::Empty,
     );
     let _ = span.set_parent(parent.clone());
+    let namespace = crate::metrics::get().publishing(channel.namespace());
     let published = node
         .engine
         .broker
@@ -595,7 +596,9 @@ async fn publish_one(
             msg_id,
         })
         .instrument(span.clone())
-        .await?;
+        .await;
+    namespace.outcome(crate::metrics::Source::Api, &published);
+    let published = published?;
     span.record("seq", crate::telemetry::int(published.seq));
     span.record("duplicate", published.duplicate);
     Ok(published)

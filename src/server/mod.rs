@@ -88,7 +88,11 @@ async fn dispatch(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     if path == "/test/panic" {
         panic!("test hook: request handler panic");
     }
-    if !matches!(path, "/ws" | "/healthz" | "/readyz" | "/metrics") {
+    // With `metrics.listen` set, `/metrics` is served there and not here.
+    let metrics_here = node.config.metrics.listen.is_empty();
+    let known =
+        matches!(path, "/ws" | "/healthz" | "/readyz") || metrics_here && path == "/metrics";
+    if !known {
         return error(StatusCode::NOT_FOUND, 404, "not found");
     }
     if req.method() != Method::GET {
@@ -133,29 +137,63 @@ fn readyz(node: &Node) -> Response<Body> {
     json(status, &body)
 }
 
-/// A few counters in the Prometheus text format.
+/// Every series in the Prometheus text format; the gauges of node state are read now.
 fn metrics(node: &Node) -> Response<Body> {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP switchyard_connections Open client connections."
-    );
-    let _ = writeln!(out, "# TYPE switchyard_connections gauge");
-    let _ = writeln!(out, "switchyard_connections {}", node.connection_count());
-    let _ = writeln!(
-        out,
-        "# HELP switchyard_conflated_total Publications replaced unsent by a newer one on a conflated channel."
-    );
-    let _ = writeln!(out, "# TYPE switchyard_conflated_total counter");
-    let _ = writeln!(out, "switchyard_conflated_total {}", node.hub.conflated());
-    crate::feed::write_metrics(&node.feed, &mut out);
-    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    let m = crate::metrics::get();
+    m.gauge("switchyard_connections", vec![])
+        .set(node.connection_count() as f64);
+    m.gauge("switchyard_draining", vec![])
+        .set(f64::from(u8::from(node.shutdown.is_draining())));
+    m.counter("switchyard_conflated_total", vec![])
+        .absolute(node.hub.conflated());
+    let (max_frames, bytes) = node.connections.backlog();
+    m.gauge("switchyard_outbox_backlog_max_frames", vec![])
+        .set(max_frames as f64);
+    m.gauge("switchyard_outbox_backlog_bytes", vec![])
+        .set(bytes as f64);
+    if let Some(up) = node.engine.registry.store_up() {
+        m.gauge("switchyard_redis_up", vec![])
+            .set(f64::from(u8::from(up)));
+    }
+    crate::feed::export_metrics(&node.feed);
+    let mut resp = Response::new(Full::new(Bytes::from(m.render())));
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     resp
+}
+
+/// Serves `GET /metrics` alone on `metrics.listen` for the life of the process
+/// (a draining node is still scraped).
+async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let node = Arc::clone(&node);
+        let timeout = node.config.server.header_read_timeout;
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let resp = match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/metrics") => metrics(&node),
+                    (_, "/metrics") => api::wrong_method(&Method::GET),
+                    _ => error(StatusCode::NOT_FOUND, 404, "not found"),
+                };
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 /// A node serving on a bound listener.
@@ -176,7 +214,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ConfigError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ConfigError(format!("`server.listen`: {e}")))?;
+    let metrics_listener = match config.metrics.listener()? {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| ConfigError(format!("`metrics.listen`: cannot bind {at}: {e}")))?,
+        ),
+        None => None,
+    };
     let node = Node::new(config).await?;
+    crate::metrics::started(&node.config, "gateway", node.shutdown.clone());
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(serve_metrics(Arc::clone(&node), listener));
+    }
     if node.config.feed.embedded {
         let sink = crate::feed::TickSink::new(
             Arc::clone(&node.engine.broker),

@@ -90,6 +90,7 @@ fn credentials<B>(req: &Request<B>) -> Credentials {
 }
 
 fn unauthorized(e: &AuthError) -> Response<Body> {
+    crate::metrics::get().auth_refused(e.code);
     error(StatusCode::UNAUTHORIZED, e.code, e.reason)
 }
 
@@ -102,7 +103,14 @@ pub fn upgrade(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         status = tracing::field::Empty
     );
     let resp = span.in_scope(|| accept(node, req));
-    span.record("status", resp.status().as_u16());
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    let metrics = crate::metrics::get();
+    if status == 101 {
+        metrics.connections_opened.increment(1);
+    } else {
+        metrics.connection_refused(status);
+    }
     resp
 }
 

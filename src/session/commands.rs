@@ -162,6 +162,11 @@ impl Session {
         };
         let replayed =
             page.publications.iter().filter(|p| p.seq > after).count() as u64 + page.remaining;
+        let series = crate::metrics::get().delivering(channel.namespace());
+        series.replay_size.record(replayed as f64);
+        if !recovered {
+            series.unrecovered.increment(1);
+        }
         let span = tracing::Span::current();
         span.record("replayed", crate::telemetry::int(replayed));
         span.record("recovered", recovered);
@@ -320,7 +325,11 @@ impl Session {
                 msg_id,
             })
             .instrument(span.clone())
-            .await?;
+            .await;
+        crate::metrics::get()
+            .publishing(channel.namespace())
+            .outcome(crate::metrics::Source::Client, &published);
+        let published = published?;
         span.record("seq", crate::telemetry::int(published.seq));
         span.record("duplicate", published.duplicate);
         self.link.outbox.push_reply(protocol::reply(

@@ -252,6 +252,9 @@ async fn finish<R: AsyncRead + Unpin>(
     .await;
     // The writer sends the close frame and ends on its own, bounded by its write timeout.
     let _ = writer.await;
+    // Every way out of the read loop decides a close; the fallback is the reader's own.
+    let code = session.link.outbox.close_code().unwrap_or(close::NORMAL);
+    crate::metrics::get().connection_closed(code);
     drop(slot);
 }
 
@@ -336,6 +339,7 @@ impl Session {
             self.violations = self.violations.saturating_sub(1);
             return true;
         }
+        crate::metrics::get().rate_limited.increment(1);
         self.violations += 1;
         if self.violations > self.node.config.session.rate_violations_before_close {
             let why = "rate limit exceeded repeatedly";

@@ -34,10 +34,29 @@ pub enum Item {
     Pong(Bytes),
 }
 
+/// A publication picked to measure publish→deliver latency: recorded once the
+/// socket write that carries it has completed.
+pub struct Stamp {
+    /// The publication's `ts` (Unix ms, the publishing node's clock).
+    pub ts_ms: u64,
+    pub latency: metrics::Histogram,
+}
+
+impl Stamp {
+    /// Records the time from the publication to now.
+    pub fn written(self) {
+        let now_ms = crate::clock::unix_ms_fraction();
+        self.latency
+            .record(((now_ms - self.ts_ms as f64) / 1000.0).max(0.0));
+    }
+}
+
 /// What waits in the queue.
 enum Queued {
     /// A live publication or a reply.
     Text(Bytes),
+    /// A live publication whose delivery latency is measured.
+    Stamped(Bytes, Stamp),
     /// A replayed publication (counted in `replay_frames`, not in the live bound).
     Replay(Bytes),
     /// A conflation slot: whatever is newest in it when the writer gets there.
@@ -70,8 +89,8 @@ pub struct Closing {
 #[derive(Default)]
 struct Slot {
     open: bool,
-    /// The newest publication not yet taken by the writer.
-    pending: Option<Bytes>,
+    /// The newest publication not yet taken by the writer (and its stamp, if sampled).
+    pending: Option<(Bytes, Option<Stamp>)>,
     /// Whether the slot is in the queue.
     queued: bool,
 }
@@ -155,6 +174,11 @@ impl Outbox {
     /// `false` returned.
     pub fn push(&self, frame: Bytes) -> bool {
         self.push_item(frame.len(), Queued::Text(frame), Bound::Live)
+    }
+
+    /// [`Outbox::push`] of a publication sampled for the latency histogram.
+    pub fn push_stamped(&self, frame: Bytes, stamp: Stamp) -> bool {
+        self.push_item(frame.len(), Queued::Stamped(frame, stamp), Bound::Live)
     }
 
     /// Queues a reply. Replies get headroom (twice the byte bound) so an answer is
@@ -243,7 +267,13 @@ impl Outbox {
     /// every publication; once its backlog is long, the slot holds only the newest
     /// (a replaced one is counted in `skipped`). Never closes the connection: a slot
     /// is queued at most once, so slots are bounded by `max_subscriptions`.
-    pub fn push_conflated(&self, slot: usize, frame: &Bytes, skipped: &AtomicU64) {
+    pub fn push_conflated(
+        &self,
+        slot: usize,
+        frame: &Bytes,
+        stamp: Option<Stamp>,
+        skipped: &AtomicU64,
+    ) {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         if st.closing.is_some() {
@@ -261,9 +291,13 @@ impl Outbox {
         };
         if !s.queued && short {
             st.bytes += frame.len();
-            st.queue.push_back(Queued::Text(frame.clone()));
+            st.queue.push_back(match stamp {
+                Some(stamp) => Queued::Stamped(frame.clone(), stamp),
+                None => Queued::Text(frame.clone()),
+            });
         } else {
-            if s.pending.replace(frame.clone()).is_some() {
+            // A replaced publication was never delivered: its stamp goes with it.
+            if s.pending.replace((frame.clone(), stamp)).is_some() {
                 skipped.fetch_add(1, Ordering::Relaxed);
             }
             if s.queued {
@@ -336,6 +370,11 @@ impl Outbox {
         self.changed.notify_waiters();
     }
 
+    /// The close code decided, if any.
+    pub fn close_code(&self) -> Option<u16> {
+        self.state.lock().closing.as_ref().map(|c| c.code)
+    }
+
     /// Whether a close has been decided.
     pub fn is_closing(&self) -> bool {
         self.state.lock().closing.is_some()
@@ -359,9 +398,10 @@ impl Outbox {
         self.wake.notified().await
     }
 
-    /// Moves up to `max` queued items into `out`; reports a pending close once the
-    /// queue is empty (or immediately when the close does not flush).
-    pub fn take(&self, out: &mut Vec<Item>, max: usize) -> Batch {
+    /// Moves up to `max` queued items into `out` (and the stamps of sampled ones into
+    /// `stamps`); reports a pending close once the queue is empty (or immediately
+    /// when the close does not flush).
+    pub fn take(&self, out: &mut Vec<Item>, stamps: &mut Vec<Stamp>, max: usize) -> Batch {
         let mut guard = self.state.lock();
         let st = &mut *guard;
         let n = st.queue.len().min(max);
@@ -372,6 +412,11 @@ impl Outbox {
                     st.bytes -= b.len();
                     out.push(Item::Text(b));
                 }
+                Queued::Stamped(b, stamp) => {
+                    st.bytes -= b.len();
+                    out.push(Item::Text(b));
+                    stamps.push(stamp);
+                }
                 Queued::Replay(b) => {
                     st.bytes -= b.len();
                     st.replay_frames -= 1;
@@ -381,8 +426,9 @@ impl Outbox {
                 Queued::Slot(i) => {
                     if let Some(s) = st.slots.get_mut(i) {
                         s.queued = false;
-                        if let Some(b) = s.pending.take() {
+                        if let Some((b, stamp)) = s.pending.take() {
                             out.push(Item::Text(b));
+                            stamps.extend(stamp);
                         }
                     }
                 }
@@ -409,6 +455,12 @@ impl Outbox {
         batch
     }
 
+    /// Frames and bytes currently queued.
+    pub fn backlog(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.queue.len(), st.bytes)
+    }
+
     /// Frames currently queued.
     pub fn len(&self) -> usize {
         self.state.lock().queue.len()
@@ -430,7 +482,7 @@ mod tests {
 
     fn take_all(o: &Outbox) -> (Vec<Item>, Batch) {
         let mut items = Vec::new();
-        let batch = o.take(&mut items, usize::MAX);
+        let batch = o.take(&mut items, &mut Vec::new(), usize::MAX);
         (items, batch)
     }
 
@@ -495,7 +547,7 @@ mod tests {
         let (o, waiting) = waiting_for_room().await;
         assert!(!waiting.is_finished(), "four unread: no room yet");
         let mut items = Vec::new();
-        o.take(&mut items, 2);
+        o.take(&mut items, &mut Vec::new(), 2);
         assert!(waiting.await.unwrap(), "two read: room for the next page");
     }
 
@@ -515,7 +567,11 @@ mod tests {
         o.close(close::SLOW_CONSUMER, "later", false);
         assert!(!o.push(frame(1)), "nothing new after the decision");
         let mut items = Vec::new();
-        assert_eq!(o.take(&mut items, 0), Batch::Frames, "the queue first");
+        assert_eq!(
+            o.take(&mut items, &mut Vec::new(), 0),
+            Batch::Frames,
+            "the queue first"
+        );
         let (items, batch) = take_all(&o);
         assert_eq!(items, vec![Item::Text(frame(1))]);
         assert!(matches!(batch, Batch::Close(c) if c.code == close::SHUTTING_DOWN));
@@ -526,10 +582,10 @@ mod tests {
         let o = Outbox::new(10, 1 << 20, 1);
         let skipped = AtomicU64::new(0);
         let slot = o.open_slot();
-        o.push_conflated(slot, &Bytes::from_static(b"1"), &skipped);
+        o.push_conflated(slot, &Bytes::from_static(b"1"), None, &skipped);
         // Backlog of one reached: the slot is queued and keeps only the newest.
         for v in [&b"2"[..], b"3", b"4"] {
-            o.push_conflated(slot, &Bytes::copy_from_slice(v), &skipped);
+            o.push_conflated(slot, &Bytes::copy_from_slice(v), None, &skipped);
         }
         let (items, _) = take_all(&o);
         assert_eq!(
@@ -547,8 +603,8 @@ mod tests {
         let o = Outbox::new(10, 1 << 20, 1);
         let skipped = AtomicU64::new(0);
         let slot = o.open_slot();
-        o.push_conflated(slot, &Bytes::from_static(b"1"), &skipped);
-        o.push_conflated(slot, &Bytes::from_static(b"2"), &skipped);
+        o.push_conflated(slot, &Bytes::from_static(b"1"), None, &skipped);
+        o.push_conflated(slot, &Bytes::from_static(b"2"), None, &skipped);
         o.close_slot(slot);
         let (items, _) = take_all(&o);
         assert_eq!(items, vec![Item::Text(Bytes::from_static(b"1"))]);

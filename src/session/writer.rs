@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use super::outbox::{Batch, Closing, Item, Outbox};
+use super::outbox::{Batch, Closing, Item, Outbox, Stamp};
 use crate::clock::unix_deadline;
 use crate::node::Node;
 use crate::protocol::{self, close};
@@ -158,6 +158,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Duplex, node: &Nod
     let expiring_notice = node.config.auth.expiring_notice;
     let outbox = &link.outbox;
     let mut buf: Vec<u8> = Vec::new();
+    // Stamps of sampled publications in `buf`: recorded once it is written.
+    let mut stamps = Vec::new();
     let mut next_ping = Instant::now() + cfg.ping_interval;
     let mut draining = false;
     loop {
@@ -166,7 +168,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Duplex, node: &Nod
             panic!("test hook: connection writer panic");
         }
         let mut items = Vec::new();
-        let batch = outbox.take(&mut items, BATCH_ITEMS);
+        let batch = outbox.take(&mut items, &mut stamps, BATCH_ITEMS);
         for item in items {
             match item {
                 Item::Text(bytes) => encode_frame(&mut buf, OpCode::Text, &bytes),
@@ -193,6 +195,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Duplex, node: &Nod
         if !write(io, &mut buf, cfg.write_timeout, outbox).await {
             return;
         }
+        stamps.drain(..).for_each(Stamp::written);
         if let Some(c) = closing {
             tracing::debug!(code = c.code, reason = %c.reason, "closing connection");
             let _ = tokio::time::timeout(cfg.write_timeout, io.shutdown()).await;
@@ -201,8 +204,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(io: &mut W, link: &Duplex, node: &Nod
         if !outbox.is_empty() {
             continue;
         }
-        // Idle connections should cost almost nothing: give the batch buffer back.
+        // Idle connections should cost almost nothing: give the batch buffers back.
         buf = Vec::new();
+        stamps = Vec::new();
 
         let now = Instant::now();
         let idle_deadline = link.last_inbound() + cfg.idle_timeout;

@@ -61,7 +61,11 @@ impl Store {
             return Ok(());
         }
         let rewrite = self.dirty.swap(false, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let result = self.refresh(me, rewrite).await;
+        crate::metrics::get()
+            .heartbeat
+            .record(crate::metrics::since(started));
         if result.is_ok() && rewrite {
             // Subscribing again is harmless, and needed when the first attempt
             // (Redis down at start) never registered the subscription.

@@ -69,13 +69,14 @@ impl Store {
 
     /// Marks Redis as down and this node's entries as needing a rewrite.
     pub(super) fn failed_silently(&self) {
-        self.up.store(false, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            crate::metrics::get().redis_disconnected();
+        }
         self.dirty.store(true, Ordering::Relaxed);
     }
 
     pub(super) fn failed(&self, e: &redis::RedisError) -> EngineError {
-        self.up.store(false, Ordering::Relaxed);
-        self.dirty.store(true, Ordering::Relaxed);
+        self.failed_silently();
         EngineError::Degraded(format!("redis: {e}"))
     }
 
@@ -98,7 +99,12 @@ impl Store {
     async fn exec_untraced(&self, pipe: &Pipeline) -> Result<Vec<Value>, EngineError> {
         for attempt in 0..2 {
             let mut conn = self.conn().await?;
-            let values: Vec<Value> = match pipe.query_async(&mut conn).await {
+            let started = std::time::Instant::now();
+            let reply = pipe.query_async(&mut conn).await;
+            crate::metrics::get()
+                .redis_roundtrip
+                .record(crate::metrics::since(started));
+            let values: Vec<Value> = match reply {
                 Ok(v) => v,
                 Err(e) => {
                     let failure = self.failed(&e);
