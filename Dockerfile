@@ -29,7 +29,8 @@ USER 65532:65532
 ENV SWITCHYARD_CONFIG=/etc/switchyard/switchyard.toml \
     SWITCHYARD_SERVER__LISTEN=0.0.0.0:8000 \
     SWITCHYARD_FEED__LISTEN=0.0.0.0:8100
-# 8000: WebSocket, HTTP API, /healthz, /readyz, /metrics. 8100: `switchyard feed` health.
-EXPOSE 8000 8100
+# 8000: WebSocket, HTTP API, /healthz, /readyz, /metrics. 8100: `switchyard feed` health and
+# metrics. 9100: /metrics when metrics.listen moves it off 8000 (the chart does).
+EXPOSE 8000 8100 9100
 ENTRYPOINT ["/usr/local/bin/switchyard"]
 CMD ["serve"]

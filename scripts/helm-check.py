@@ -54,6 +54,7 @@ BAD = [
     ("autoscaling without a backbone", ["nats.enabled=false", "replicaCount=1"], "backbone"),
     ("bundled and external NATS at once", ["externalNats.url=nats://other:4222"], "not both"),
     ("a Secret name Kubernetes refuses", ["auth.existingSecret=Not_A_Name"], "existingSecret"),
+    ("a metrics port the gateway already uses", ["metrics.port=8000"], "metrics"),
     ("an unknown top-level value", ["replicas=3"], "replicas"),
 ]
 
@@ -71,9 +72,12 @@ def run(cmd, env=None):
 
 
 def own_documents(out):
-    """The YAML documents rendered from our own templates (not the subcharts')."""
+    """The YAML documents rendered from our own templates (not the subcharts'), but
+    the dashboard's: its data is Grafana's JSON, whose long query lines are not ours
+    to wrap (check_wiring compares it with dashboards/switchyard.json)."""
     docs = out.split("\n---\n")
-    return [d for d in docs if "# Source: switchyard/templates/" in d]
+    return [d for d in docs if "# Source: switchyard/templates/" in d
+            and "# Source: switchyard/templates/dashboard.yaml" not in d]
 
 
 def check_set(binary, name, files, api_versions, tmp):
@@ -195,7 +199,25 @@ def check_wiring(docs_by_set):
         fail("bundled: the nginx Ingress has no WebSocket read timeout")
     if "stream_replicas = 1" not in chart.config_toml(b):
         fail("bundled: one NATS server should give streams of one replica")
-    print("ok   wiring: engine, URLs, replicas, feed, grace period, secrets, ingress")
+    # /metrics: on its own port by default, scraped there, reachable there only.
+    if 'listen = "0.0.0.0:9100"' not in chart.config_toml(d):
+        fail("defaults: metrics.listen is not the metrics port")
+    ports = {p["name"]: p for p in chart.find(d, "Service", "sy-switchyard")[0]["spec"]["ports"]}
+    if ports.get("metrics", {}).get("port") != 9100:
+        fail("defaults: the Service has no metrics port 9100")
+    sm = docs_by_set["servicemonitor"]
+    if chart.find(sm, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"] != "metrics":
+        fail("servicemonitor: the ServiceMonitor does not scrape the metrics port")
+    rules = chart.find(sm, "NetworkPolicy", "sy-switchyard")[0]["spec"]["ingress"]
+    if [r["ports"][0]["port"] for r in rules] != ["http", "metrics"] or "from" not in rules[1]:
+        fail("servicemonitor: the NetworkPolicy does not admit the scrapers to the metrics port only")
+    dash = chart.find(sm, "ConfigMap", "sy-switchyard-dashboard")
+    if not dash or dash[0]["metadata"]["labels"].get("grafana_dashboard") != "1":
+        fail("servicemonitor: no dashboard ConfigMap with the sidecar's label")
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "helm", "switchyard", "dashboards", "switchyard.json")) as f:
+        if json.loads(dash[0]["data"]["switchyard.json"]) != json.load(f):
+            fail("servicemonitor: the dashboard ConfigMap is not dashboards/switchyard.json")
+    print("ok   wiring: engine, URLs, replicas, feed, grace period, secrets, ingress, metrics port, dashboard")
 
 
 def check_bad():

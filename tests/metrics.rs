@@ -3,7 +3,8 @@
 //! its own registry. Traffic moves the counters and the publish→deliver histogram
 //! by what was sent; refusals, slow consumers and rate limits are counted by code;
 //! every exposition passes `promtool check metrics` (PROMTOOL, installed by
-//! `make test`); and every series the Grafana dashboard queries is exported.
+//! `make test`); and every series the Grafana dashboard and docs/alerts.yaml
+//! query is exported.
 
 mod common;
 
@@ -130,9 +131,8 @@ async fn raw_get(mut stream: tokio::net::TcpStream, addr: SocketAddr, path: &str
     (status, body.to_string())
 }
 
-/// `promtool check metrics` of an exposition: no problem reported.
-fn promtool_clean(scrape: &Scrape, what: &str) {
-    use std::io::Write;
+/// `PROMTOOL`, else the one `make test` unpacks into .tools/.
+fn promtool() -> String {
     let bin = std::env::var("PROMTOOL").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/prom/usr/bin/promtool").to_string()
     });
@@ -140,7 +140,13 @@ fn promtool_clean(scrape: &Scrape, what: &str) {
         std::path::Path::new(&bin).exists(),
         "promtool not found at {bin}: run `make test` (it installs it)"
     );
-    let mut child = Command::new(&bin)
+    bin
+}
+
+/// `promtool check metrics` of an exposition: no problem reported.
+fn promtool_clean(scrape: &Scrape, what: &str) {
+    use std::io::Write;
+    let mut child = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -235,19 +241,39 @@ fn dashboard_metrics() -> BTreeSet<String> {
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 10, "the dashboard's queries: {exprs:?}");
+    exprs.iter().flat_map(|e| metric_names(e)).collect()
+}
+
+/// The `switchyard_*` names in a query text.
+fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for e in exprs {
-        let mut rest = e.as_str();
-        while let Some(i) = rest.find("switchyard_") {
-            let tail = &rest[i..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            names.insert(tail[..end].to_string());
-            rest = &tail[end..];
-        }
+    let mut rest = text;
+    while let Some(i) = rest.find("switchyard_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
     }
     names
+}
+
+/// docs/alerts.yaml: `promtool check rules` passes; the series its rules query.
+fn alert_metrics() -> BTreeSet<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yaml");
+    let out = Command::new(promtool())
+        .args(["check", "rules", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules docs/alerts.yaml:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Alert names are capitalised (`Switchyard…`): only series match.
+    metric_names(&std::fs::read_to_string(path).unwrap())
 }
 
 fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {

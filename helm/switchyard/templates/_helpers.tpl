@@ -243,6 +243,9 @@ Secret's key, or the chart's own Secret when the value is given inline.
 {{- $_ := set $redis "url" $redisUrl }}
 {{- $_ := set $cfg "redis" $redis }}
 {{- end }}
+{{- if gt (int .Values.metrics.port) 0 }}
+{{- $_ := set $cfg "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))) }}
+{{- end }}
 {{- $feed := deepCopy .Values.feed.config }}
 {{- $_ := set $feed "embedded" (and (not $clustered) .Values.feed.enabled) }}
 {{- $_ := set $feed "listen" "0.0.0.0:8100" }}
@@ -255,6 +258,11 @@ Secret's key, or the chart's own Secret when the value is given inline.
 {{- end }}
 # Rendered by the switchyard chart from its values; keys as in config/switchyard.toml.
 {{- include "switchyard.tomlTable" (dict "path" "" "table" $cfg) }}
+{{- end }}
+
+{{/* The port /metrics is scraped on: its own, or the gateway's http port. */}}
+{{- define "switchyard.metricsPort" -}}
+{{- ternary "metrics" "http" (gt (int .Values.metrics.port) 0) }}
 {{- end }}
 
 {{/* Environment shared by the gateway and the feed: node identity and secrets. */}}
