@@ -527,14 +527,16 @@ async fn counters_and_the_latency_histogram_follow_traffic_across_nodes() {
     exported.extend(on_b.names());
     exported.extend(feed.names());
     exported.extend(on_a.families());
-    let missing: Vec<_> = dashboard_metrics()
-        .into_iter()
-        .filter(|m| !exported.contains(m))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard queries unexported series: {missing:?}"
-    );
+    for (what, queried) in [
+        ("the dashboard", dashboard_metrics()),
+        ("docs/alerts.yaml", alert_metrics()),
+    ] {
+        let missing: Vec<_> = queried.iter().filter(|m| !exported.contains(*m)).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} queries unexported series: {missing:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,13 +36,18 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use switchyard::config::Config;
 use tokio_tungstenite::tungstenite::Message;
+
+mod latency;
+mod raw_ws;
+
+use latency::Latency;
+use raw_ws::RawWs;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
 const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/switchyard");
@@ -235,11 +240,11 @@ enum Target {
     },
 }
 
-/// A subscribed client, reading deliveries.
+/// A subscribed client, reading deliveries through the allocation-free [`RawWs`].
 struct Subscriber {
-    ws: Ws,
-    /// NATS protocol bytes not yet parsed (NATS only).
-    nats: Option<Vec<u8>>,
+    ws: RawWs,
+    /// NATS protocol bytes not yet parsed (NATS only; the frames are a byte stream).
+    nats: Option<NatsStream>,
 }
 
 impl Subscriber {
@@ -247,39 +252,39 @@ impl Subscriber {
         let channel = channel.as_ref();
         match target {
             Target::Switchyard { token } => {
-                let url = format!("ws://{addr}/ws?token={token}");
-                let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                let mut ws = RawWs::connect(addr, &format!("/ws?token={token}"))
                     .await
                     .expect("connect");
                 let frame = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-                ws.send(Message::text(frame)).await.expect("send");
-                let mut sub = Subscriber { ws, nats: None };
-                while let Some(Ok(m)) = sub.ws.next().await {
-                    if matches!(&m, Message::Text(t) if t.contains("\"subscribed\"")) {
-                        return sub;
+                ws.send(raw_ws::TEXT, frame.as_bytes()).await.expect("send");
+                while let Some((_, payload)) = ws.next().await {
+                    if raw_ws::find(ws.payload(payload), b"\"subscribed\"").is_some() {
+                        return Subscriber { ws, nats: None };
                     }
                 }
                 panic!("no subscribed reply");
             }
             Target::Nats { .. } => {
-                let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}"))
-                    .await
-                    .expect("connect");
+                let mut ws = RawWs::connect(addr, "/").await.expect("connect");
                 let hello = format!("CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {channel} 1\r\nPING\r\n");
-                ws.send(Message::binary(hello.into_bytes()))
+                ws.send(raw_ws::BINARY, hello.as_bytes())
                     .await
                     .expect("send");
                 let mut sub = Subscriber {
                     ws,
-                    nats: Some(Vec::new()),
+                    nats: Some(NatsStream {
+                        buf: Vec::with_capacity(64 << 10),
+                        start: 0,
+                    }),
                 };
                 // The PONG proves the subscription is registered.
-                while let Some(line) = sub.nats_line().await {
-                    if line == "PONG" {
-                        return sub;
+                loop {
+                    match sub.next_nats().await {
+                        Some(NatsLine::Pong) => return sub,
+                        Some(_) => {}
+                        None => panic!("no PONG from nats-server"),
                     }
                 }
-                panic!("no PONG from nats-server");
             }
         }
     }
@@ -287,70 +292,87 @@ impl Subscriber {
     /// The next delivery as (publish time in µs, order key), or None when the connection ends.
     async fn next(&mut self) -> Option<(u64, u64)> {
         if self.nats.is_some() {
-            return self.next_nats().await;
-        }
-        loop {
-            if let Message::Text(t) = self.ws.next().await?.ok()? {
-                if let (Some(sent), Some(seq)) =
-                    (number_after(&t, "\"t\":"), number_after(&t, "\"seq\":"))
-                {
-                    return Some((sent, seq));
+            loop {
+                if let NatsLine::Msg(sent) = self.next_nats().await? {
+                    // NATS has no sequence: the publish time orders the stream.
+                    return Some((sent, sent));
                 }
             }
         }
-    }
-
-    async fn fill(&mut self) -> Option<()> {
-        match self.ws.next().await?.ok()? {
-            Message::Binary(b) => self.nats.as_mut()?.extend_from_slice(&b),
-            Message::Text(t) => self.nats.as_mut()?.extend_from_slice(t.as_bytes()),
-            _ => {}
-        }
-        Some(())
-    }
-
-    /// The next protocol line that is not a message.
-    async fn nats_line(&mut self) -> Option<String> {
         loop {
-            let buf = self.nats.as_mut()?;
-            if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&buf[..end]).to_string();
-                buf.drain(..end + 2);
-                return Some(line);
+            let (_, range) = self.ws.next().await?;
+            let text = self.ws.payload(range);
+            if let (Some(sent), Some(seq)) = (
+                raw_ws::number_after(text, b"\"t\":"),
+                raw_ws::number_after(text, b"\"seq\":"),
+            ) {
+                return Some((sent, seq));
             }
-            self.fill().await?;
         }
     }
 
-    async fn next_nats(&mut self) -> Option<(u64, u64)> {
+    /// The next NATS protocol item: a message's publish time, a PONG, or another line.
+    async fn next_nats(&mut self) -> Option<NatsLine> {
         loop {
-            let buf = self.nats.as_mut()?;
-            if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&buf[..end]).to_string();
-                if let Some(args) = line.strip_prefix("MSG ") {
-                    let len: usize = args.rsplit(' ').next()?.parse().ok()?;
+            let stream = self.nats.as_mut()?;
+            let buf = &stream.buf[stream.start..];
+            if let Some(end) = raw_ws::find(buf, b"\r\n") {
+                let line = &buf[..end];
+                if let Some(args) = line.strip_prefix(b"MSG ") {
+                    let len_at = args.iter().rposition(|b| *b == b' ')? + 1;
+                    let len = raw_ws::number_after(&args[len_at..], b"")? as usize;
                     let start = end + 2;
                     if buf.len() >= start + len + 2 {
-                        let payload = String::from_utf8_lossy(&buf[start..start + len]).to_string();
-                        buf.drain(..start + len + 2);
-                        let sent = number_after(&payload, "\"t\":")?;
-                        // NATS has no sequence: the publish time orders the stream.
-                        return Some((sent, sent));
+                        let sent = raw_ws::number_after(&buf[start..start + len], b"\"t\":")?;
+                        stream.consume(start + len + 2);
+                        return Some(NatsLine::Msg(sent));
                     }
                 } else {
-                    buf.drain(..end + 2);
-                    if line == "PING" {
-                        self.ws
-                            .send(Message::binary(b"PONG\r\n".to_vec()))
-                            .await
-                            .ok()?;
+                    let item = match line {
+                        b"PONG" => NatsLine::Pong,
+                        b"PING" => NatsLine::Ping,
+                        _ => NatsLine::Other,
+                    };
+                    stream.consume(end + 2);
+                    match item {
+                        NatsLine::Ping => self.ws.send(raw_ws::BINARY, b"PONG\r\n").await.ok()?,
+                        item => return Some(item),
                     }
                     continue;
                 }
             }
-            self.fill().await?;
+            let (_, range) = self.ws.next().await?;
+            self.nats
+                .as_mut()?
+                .buf
+                .extend_from_slice(self.ws.payload(range));
         }
     }
+}
+
+/// NATS protocol bytes read but not yet parsed.
+struct NatsStream {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl NatsStream {
+    /// Marks `n` bytes parsed; the buffer is reused once all of it is.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+}
+
+/// What a NATS subscriber reads.
+enum NatsLine {
+    Msg(u64),
+    Ping,
+    Pong,
+    Other,
 }
 
 /// Publishes `{"t": <µs>}` payloads.
@@ -434,14 +456,6 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
     digits[..end].parse().ok()
 }
 
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 async fn idle_memory(node: &Node, target: &Target, conns: usize) {
     let addr = node.addr;
     // One connection first, so runtime start-up allocations are not counted.
@@ -478,6 +492,140 @@ async fn idle_memory(node: &Node, target: &Target, conns: usize) {
     drop(warm);
 }
 
+/// One fan-out run's figures.
+struct FanOut {
+    rate: u64,
+    subs: usize,
+    published: u64,
+    deliveries: u64,
+    expected: u64,
+    complete: usize,
+    ordered: bool,
+    /// CPU seconds of every server process (all on CPU 0).
+    server_cpu: f64,
+    /// CPU seconds of this load generator (on CPU 1).
+    generator_cpu: f64,
+    wall: f64,
+    latency: Latency,
+}
+
+impl FanOut {
+    /// The server processes share one core: at 90 % of it they are saturated.
+    fn server_saturated(&self) -> bool {
+        self.server_cpu / self.wall >= 0.9
+    }
+
+    /// A generator above 80 % of its core is (or is about to be) what limits the run.
+    fn generator_bound(&self) -> bool {
+        self.generator_cpu / self.wall >= 0.8
+    }
+
+    fn verdict(&self) -> &'static str {
+        match (self.generator_bound(), self.server_saturated()) {
+            (true, _) => {
+                "GENERATOR-BOUND: these figures are the load generator's, not the server's"
+            }
+            (false, true) => "server saturated: compare latency at equal load, not per-CPU figures",
+            (false, false) => "below saturation: deliveries per CPU-second is the cost figure",
+        }
+    }
+
+    fn print(&self) {
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "fan-out:                    {} publications x {} subscribers at {}/s",
+            self.published, self.subs, self.rate
+        );
+        println!(
+            "deliveries:                 {} of {} ({}/{} subscribers complete, in order: {})",
+            self.deliveries, self.expected, self.complete, self.subs, self.ordered
+        );
+        println!(
+            "server CPU:                 {:.2} s over {:.2} s wall ({:.0} % of CPU 0)",
+            self.server_cpu,
+            self.wall,
+            100.0 * self.server_cpu / self.wall
+        );
+        println!(
+            "load generator CPU:         {:.2} s ({:.0} % of CPU 1)",
+            self.generator_cpu,
+            100.0 * self.generator_cpu / self.wall
+        );
+        println!(
+            "deliveries per second:      {:.0} (wall)",
+            self.deliveries as f64 / self.wall
+        );
+        println!(
+            "deliveries per CPU-second:  {:.0}",
+            self.deliveries as f64 / self.server_cpu.max(0.01)
+        );
+        println!(
+            "publish->deliver latency:   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(self.latency.quantile_us(0.50)),
+            ms(self.latency.quantile_us(0.99)),
+            ms(self.latency.max_us())
+        );
+        println!("verdict:                    {}", self.verdict());
+    }
+}
+
+/// The rates to sweep: BENCH_RATES (a comma list), else BENCH_RATE alone, else a
+/// sweep from well below to past one core's saturation.
+fn rates() -> Vec<u64> {
+    if let Ok(list) = std::env::var("BENCH_RATES") {
+        return list
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .expect("BENCH_RATES is a comma list of rates")
+            })
+            .collect();
+    }
+    match std::env::var("BENCH_RATE") {
+        Ok(r) => vec![r.parse().expect("BENCH_RATE is a number")],
+        Err(_) => vec![200, 500, 1000, 2000],
+    }
+}
+
+/// Runs the fan-out at every rate, then prints the sweep as one table.
+async fn sweep(nodes: &[&Node], procs: &[&Node], target: &Target, subs: usize, secs: u64) {
+    let mut runs = Vec::new();
+    for rate in rates() {
+        let run = fan_out(nodes, procs, target, subs, rate, secs).await;
+        run.print();
+        runs.push(run);
+    }
+    if runs.len() < 2 {
+        return;
+    }
+    println!("\nsweep ({subs} subscribers, {secs} s per rate):");
+    println!("| pub/s | deliveries/s | server CPU | generator CPU | deliveries per CPU-s | p50 | p99 | max | complete | verdict |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &runs {
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "| {} | {:.0} | {:.0} % | {:.0} % | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} |",
+            r.rate,
+            r.deliveries as f64 / r.wall,
+            100.0 * r.server_cpu / r.wall,
+            100.0 * r.generator_cpu / r.wall,
+            r.deliveries as f64 / r.server_cpu.max(0.01),
+            ms(r.latency.quantile_us(0.5)),
+            ms(r.latency.quantile_us(0.99)),
+            ms(r.latency.max_us()),
+            r.deliveries == r.expected && r.ordered,
+            if r.generator_bound() {
+                "generator-bound"
+            } else if r.server_saturated() {
+                "server saturated"
+            } else {
+                "below saturation"
+            }
+        );
+    }
+}
+
 /// `nodes` serve the clients (subscribers round-robin, the publisher on the first);
 /// `procs` are every server process whose CPU time counts.
 async fn fan_out(
@@ -487,45 +635,43 @@ async fn fan_out(
     subs: usize,
     rate: u64,
     secs: u64,
-) {
+) -> FanOut {
     let cpu_secs = || procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
     let total = rate * secs;
-    let channel = "bench.fanout";
-    let received = Arc::new(AtomicU64::new(0));
+    let channel = format!("bench.fanout{rate}");
     let mut readers = Vec::new();
     for i in 0..subs {
         let addr = nodes[i % nodes.len()].addr;
-        let mut sub = Subscriber::open(target, addr, channel).await;
-        let received = Arc::clone(&received);
+        let mut sub = Subscriber::open(target, addr, &channel).await;
         readers.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::with_capacity(total as usize);
+            let mut latency = Latency::new();
             let mut last = 0;
             let mut in_order = true;
-            while (latencies.len() as u64) < total {
+            while latency.count() < total {
                 let Some((sent, key)) = sub.next().await else {
                     break;
                 };
-                latencies.push(micros().saturating_sub(sent) as u32);
+                latency.record(micros().saturating_sub(sent));
                 in_order &= key > last;
                 last = key;
-                received.fetch_add(1, Ordering::Relaxed);
             }
-            (latencies, in_order)
+            (latency, in_order)
         }));
     }
 
     let mut publisher = Publisher::open(target, nodes[0].addr, total).await;
     let cpu0 = cpu_secs();
+    let own0 = own_cpu_secs();
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     for i in 0..total {
         // Paced on absolute time, so a late tick is caught up rather than lost.
         let due = started + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
-        publisher.publish(channel).await;
+        publisher.publish(&channel).await;
     }
     let published = publisher.finish(total).await;
-    let mut all: Vec<u32> = Vec::with_capacity((total as usize) * subs);
+    let mut latency = Latency::new();
     let mut complete = 0;
     let mut ordered = true;
     for r in readers {
@@ -533,36 +679,25 @@ async fn fan_out(
             .await
             .expect("subscribers finish")
             .expect("subscriber task");
-        if lat.len() as u64 == total {
+        if lat.count() == total {
             complete += 1;
         }
         ordered &= in_order;
-        all.extend(lat);
+        latency.merge(&lat);
     }
-    let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_secs() - cpu0;
-    let deliveries = received.load(Ordering::Relaxed);
-    all.sort_unstable();
-    println!("fan-out:                    {published} publications x {subs} subscribers at {rate}/s for {secs}s");
-    println!("deliveries:                 {deliveries} of {} ({complete}/{subs} subscribers complete, in order: {ordered})", total * subs as u64);
-    println!(
-        "server CPU:                 {cpu:.2} s over {wall:.2} s wall ({} process(es) on CPU 0)",
-        procs.len()
-    );
-    println!(
-        "deliveries per second:      {:.0} (wall)",
-        deliveries as f64 / wall
-    );
-    println!(
-        "deliveries per CPU-second:  {:.0}",
-        deliveries as f64 / cpu.max(0.01)
-    );
-    println!(
-        "publish->deliver latency:   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&all, 0.50) as f64 / 1000.0,
-        percentile(&all, 0.99) as f64 / 1000.0,
-        all.last().copied().unwrap_or(0) as f64 / 1000.0
-    );
+    FanOut {
+        rate,
+        subs,
+        published,
+        deliveries: latency.count(),
+        expected: total * subs as u64,
+        complete,
+        ordered,
+        server_cpu: cpu_secs() - cpu0,
+        generator_cpu: own_cpu_secs() - own0,
+        wall: started.elapsed().as_secs_f64(),
+        latency,
+    }
 }
 
 /// Writes `n` publications on `channel` through `writers` pipelined connections to `addr`.
@@ -761,7 +896,7 @@ async fn main() {
 
     let nats_bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
     let subs = env_num("BENCH_SUBS", 1000) as usize;
-    let (rate, secs) = (env_num("BENCH_RATE", 500), env_num("BENCH_SECS", 6));
+    let secs = env_num("BENCH_SECS", 6);
     match std::env::var("BENCH_TARGET").as_deref() {
         Ok("replay") => replay_bench(&nats_bin, token).await,
         Ok("nats") => {
@@ -773,7 +908,7 @@ async fn main() {
                 node.addr
             );
             idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
-            fan_out(&[&node], &[&node], &target, subs, rate, secs).await;
+            sweep(&[&node], &[&node], &target, subs, secs).await;
         }
         Ok("cluster") => {
             // nats-server with JetStream and three switchyard nodes, all on CPU 0.
@@ -795,7 +930,7 @@ async fn main() {
             let refs: Vec<&Node> = nodes.iter().collect();
             let mut procs = refs.clone();
             procs.push(&nats);
-            fan_out(&refs, &procs, &target, subs, rate, secs).await;
+            sweep(&refs, &procs, &target, subs, secs).await;
         }
         _ => {
             let node = match std::env::var("BENCH_NODE") {
@@ -813,7 +948,7 @@ async fn main() {
                 node.addr
             );
             idle_memory(&node, &target, env_num("BENCH_IDLE_CONNS", 10_000) as usize).await;
-            fan_out(&[&node], &[&node], &target, subs, rate, secs).await;
+            sweep(&[&node], &[&node], &target, subs, secs).await;
         }
     }
 }
