@@ -118,7 +118,7 @@ api-contract: $(NATS_SERVER) $(SCHEMATHESIS)
 fmt:
 	cargo fmt --all
 
-## Load benchmark: node pinned to CPU 0, load generator to CPU 1 (see examples/bench.rs).
+## Load benchmark: node pinned to CPU 0, load generator to CPU 1; a rate sweep (BENCH_RATES) (see examples/bench/main.rs).
 bench: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && taskset -c 1 target/release/examples/bench

@@ -923,6 +923,9 @@ async fn main() {
                     ])
                 })
                 .collect();
+            for n in &nodes {
+                wait_ready(n.addr).await;
+            }
             let target = Target::Switchyard { token };
             println!(
                 "bench: 3-node switchyard cluster on nats-server (JetStream), 4 processes on CPU 0; subscribers round-robin, publisher on node 1"
