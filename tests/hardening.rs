@@ -522,6 +522,9 @@ async fn ws_client_example_exits_when_the_server_closes() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
+    // Held until the end: `Child::wait` closes a stdin it still owns, and the client
+    // would then exit on end of input instead of on the server's close.
+    let _stdin = child.stdin.take().unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
     while !String::from_utf8_lossy(&seen).contains("welcome") {

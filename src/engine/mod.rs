@@ -24,6 +24,9 @@ use crate::channel::Channel;
 /// A boxed future, so the traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The outcome of a publication already sent ([`Broker::publish_ordered`]).
+pub type AckFuture = BoxFuture<'static, Result<Published, EngineError>>;
+
 /// Where a client is in a channel's stream: a sequence within one stream incarnation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
@@ -241,6 +244,20 @@ pub trait LocalConnections: Send + Sync {
 pub trait Broker: Send + Sync {
     /// Stores a publication and delivers it live; returns its seq.
     fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>>;
+    /// Sends a publication and returns, without waiting, the future of its
+    /// outcome: publications sent by successive calls are stored in call order,
+    /// whatever order their outcomes are awaited in. What pipelines a connection's
+    /// publishes (docs/architecture.md, "Publishing"). By default the publish
+    /// completes here.
+    fn publish_ordered(
+        &self,
+        req: PublishRequest,
+    ) -> BoxFuture<'_, Result<AckFuture, EngineError>> {
+        Box::pin(async move {
+            let outcome = self.publish(req).await;
+            Ok(Box::pin(std::future::ready(outcome)) as AckFuture)
+        })
+    }
     /// Reads retained history: at most `limit` publications in all (the newest of
     /// them when there are more, and then not `complete`), the first `page` of
     /// them now.

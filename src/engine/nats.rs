@@ -21,8 +21,8 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::{
-    BackboneState, BoxFuture, Broker, Deliveries, EngineError, HistoryFrom, HistoryPage, PageLimit,
-    Position, Publication, PublishRequest, Published, ReplayPage, ReplayReader,
+    AckFuture, BackboneState, BoxFuture, Broker, Deliveries, EngineError, HistoryFrom, HistoryPage,
+    PageLimit, Position, Publication, PublishRequest, Published, ReplayPage, ReplayReader,
 };
 use crate::channel::Channel;
 use crate::clock::unix_ms;
@@ -321,6 +321,13 @@ impl NatsBroker {
     }
 
     async fn publish_inner(&self, req: PublishRequest) -> Result<Published, EngineError> {
+        self.send(req).await?.await
+    }
+
+    /// Sends one publication to JetStream; the returned future waits for its ack.
+    /// Sends are ordered (one client connection), so successive sends are stored in
+    /// the order they were made while their acks are awaited together.
+    async fn send(&self, req: PublishRequest) -> Result<AckFuture, EngineError> {
         self.connected()?;
         self.namespace(&req.channel)?.stream()?;
         let mut headers = HeaderMap::new();
@@ -343,28 +350,40 @@ impl NatsBroker {
         // Its duration is the JetStream round trip: the publish and the stream's ack.
         let span = tracing::info_span!("jetstream.publish", subject = %subject, stream_seq = tracing::field::Empty);
         let started = std::time::Instant::now();
+        let timeout = self.cfg.request_timeout;
         let ack = tracing::Instrument::instrument(
-            tokio::time::timeout(self.cfg.request_timeout, async {
-                self.js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| unavailable("publish", e))?
-                    .await
-                    .map_err(|e| unavailable("publish", e))
-            }),
+            tokio::time::timeout(
+                timeout,
+                self.js.publish_with_headers(subject, headers, payload),
+            ),
             span.clone(),
         )
         .await
-        .map_err(|_| unavailable("publish", "no acknowledgement within nats.request_timeout"))??;
-        span.record("stream_seq", crate::telemetry::int(ack.sequence));
-        crate::metrics::get()
+        .map_err(|_| unavailable("publish", "not sent within nats.request_timeout"))?
+        .map_err(|e| unavailable("publish", e))?;
+        let latency = crate::metrics::get()
             .publishing(req.channel.namespace())
             .jetstream_publish
-            .record(crate::metrics::since(started));
-        Ok(Published {
-            seq: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+            .clone();
+        // The rest of `timeout` bounds the ack, as one round trip did before.
+        let left = timeout.saturating_sub(started.elapsed());
+        Ok(Box::pin(tracing::Instrument::instrument(
+            async move {
+                let ack = tokio::time::timeout(left, ack)
+                    .await
+                    .map_err(|_| {
+                        unavailable("publish", "no acknowledgement within nats.request_timeout")
+                    })?
+                    .map_err(|e| unavailable("publish", e))?;
+                tracing::Span::current().record("stream_seq", crate::telemetry::int(ack.sequence));
+                latency.record(crate::metrics::since(started));
+                Ok(Published {
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+            },
+            span,
+        )))
     }
 
     /// One batched direct get (ADR-31): up to `page` messages of `subject` from
@@ -763,6 +782,13 @@ async fn repair_from(t: &LiveTask, mut last: u64, until: u64) -> u64 {
 impl Broker for NatsBroker {
     fn publish(&self, req: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>> {
         Box::pin(self.publish_inner(req))
+    }
+
+    fn publish_ordered(
+        &self,
+        req: PublishRequest,
+    ) -> BoxFuture<'_, Result<AckFuture, EngineError>> {
+        Box::pin(self.send(req))
     }
 
     fn history<'a>(

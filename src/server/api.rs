@@ -353,23 +353,25 @@ async fn endpoint(node: &Node, route: Route<'_>, req: Request<Incoming>) -> Answ
             if let Some(id) = &b.msg_id {
                 crate::ids::check_msg_id(id).map_err(|why| Refusal::new(code::BAD_FIELD, why))?;
             }
-            let mut results = Vec::with_capacity(b.channels.len());
-            for name in b.channels {
+            // The channels are independent: published together, each awaiting its
+            // own ack, instead of one round trip after another.
+            let publishes = b.channels.into_iter().map(|name| {
                 // Dedupe is per channel: one msg_id covers every channel of the broadcast.
-                let r = match publish_one(node, &name, b.data.clone(), b.msg_id.clone(), &parent)
-                    .await
-                {
-                    Ok(p) => PublishResult::done(name, p.seq, p.duplicate),
-                    Err(r) => PublishResult {
-                        channel: name,
-                        seq: None,
-                        duplicate: None,
-                        error: Some(r.reason),
-                        code: Some(r.code),
-                    },
-                };
-                results.push(r);
-            }
+                let (data, msg_id, parent) = (b.data.clone(), b.msg_id.clone(), &parent);
+                async move {
+                    match publish_one(node, &name, data, msg_id, parent).await {
+                        Ok(p) => PublishResult::done(name, p.seq, p.duplicate),
+                        Err(r) => PublishResult {
+                            channel: name,
+                            seq: None,
+                            duplicate: None,
+                            error: Some(r.reason),
+                            code: Some(r.code),
+                        },
+                    }
+                }
+            });
+            let results = futures_util::future::join_all(publishes).await;
             Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({ "results": results }),

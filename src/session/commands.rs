@@ -281,6 +281,8 @@ impl Session {
         Ok(())
     }
 
+    /// Sends a publish and queues its reply in the pipeline: the reply comes once
+    /// JetStream acknowledged it, after the replies of every earlier publish.
     pub(super) async fn publish(
         &mut self,
         id: Option<&RawValue>,
@@ -288,7 +290,47 @@ impl Session {
         data: Box<RawValue>,
         msg_id: Option<String>,
         traceparent: Option<&str>,
-    ) -> Outcome {
+    ) {
+        let reply = match self.send_publish(name, data, msg_id, traceparent).await {
+            Ok(ack) => {
+                let id: Option<Box<RawValue>> = id.map(ToOwned::to_owned);
+                Box::pin(async move {
+                    let (channel, outcome) = ack.await;
+                    match outcome {
+                        Ok(p) => protocol::reply(
+                            "published",
+                            id.as_deref(),
+                            protocol::PublishedReply {
+                                channel: channel.as_str(),
+                                seq: p.seq,
+                                duplicate: p.duplicate,
+                            },
+                        ),
+                        Err(f) => protocol::error_message(id.as_deref(), f.code, &f.reason),
+                    }
+                }) as crate::engine::BoxFuture<'static, bytes::Bytes>
+            }
+            Err(f) => {
+                let frame = protocol::error_message(id, f.code, &f.reason);
+                Box::pin(std::future::ready(frame))
+            }
+        };
+        self.pipeline
+            .get_or_insert_with(Default::default)
+            .push(reply);
+    }
+
+    /// Checks and sends one publish; the future resolves to its channel and outcome.
+    async fn send_publish(
+        &mut self,
+        name: &str,
+        data: Box<RawValue>,
+        msg_id: Option<String>,
+        traceparent: Option<&str>,
+    ) -> Result<
+        crate::engine::BoxFuture<'static, (Channel, Result<crate::engine::Published, Refusal>)>,
+        Refusal,
+    > {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let node = Arc::clone(&self.node);
         let (channel, ns) = request::resolve(&node, name)?;
@@ -314,11 +356,12 @@ impl Session {
         if traceparent.is_some() {
             let _ = span.set_parent(crate::telemetry::remote_parent(traceparent, None));
         }
-        let published = self
+        let series = crate::metrics::get().publishing(channel.namespace());
+        let sent = self
             .node
             .engine
             .broker
-            .publish(PublishRequest {
+            .publish_ordered(PublishRequest {
                 channel: channel.clone(),
                 data,
                 from: Some(Arc::clone(&self.identity.user)),
@@ -326,22 +369,27 @@ impl Session {
             })
             .instrument(span.clone())
             .await;
-        crate::metrics::get()
-            .publishing(channel.namespace())
-            .outcome(crate::metrics::Source::Client, &published);
-        let published = published?;
-        span.record("seq", crate::telemetry::int(published.seq));
-        span.record("duplicate", published.duplicate);
-        self.link.outbox.push_reply(protocol::reply(
-            "published",
-            id,
-            protocol::PublishedReply {
-                channel: channel.as_str(),
-                seq: published.seq,
-                duplicate: published.duplicate,
-            },
-        ));
-        Ok(())
+        let ack = match sent {
+            Ok(ack) => ack,
+            Err(e) => {
+                let failed: Result<crate::engine::Published, _> = Err(e);
+                series.outcome(crate::metrics::Source::Client, &failed);
+                return Err(failed.map_err(Refusal::from).unwrap_err());
+            }
+        };
+        Ok(Box::pin(
+            async move {
+                let outcome = ack.await;
+                series.outcome(crate::metrics::Source::Client, &outcome);
+                if let Ok(p) = &outcome {
+                    let span = tracing::Span::current();
+                    span.record("seq", crate::telemetry::int(p.seq));
+                    span.record("duplicate", p.duplicate);
+                }
+                (channel, outcome.map_err(Refusal::from))
+            }
+            .instrument(span),
+        ))
     }
 
     pub(super) async fn ack(&mut self, name: &str, seq: u64) -> Outcome {

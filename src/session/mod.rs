@@ -9,6 +9,7 @@
 mod commands;
 pub mod frame_reader;
 pub mod outbox;
+mod pipeline;
 pub mod rate_limit;
 mod replay;
 pub mod writer;
@@ -38,6 +39,7 @@ use crate::server::parse_errors::JsonParseErrors;
 use commands::Joined;
 use frame_reader::{FrameReader, OpCode, ReadError};
 use outbox::Outbox;
+use pipeline::Pipeline;
 use rate_limit::RateLimiter;
 use writer::Duplex;
 
@@ -57,6 +59,8 @@ pub struct Session {
     /// Whether this connection acked anything: its cursors are written on disconnect.
     acked: bool,
     since: u64,
+    /// Publishes awaiting their acknowledgement; allocated while there are any.
+    pipeline: Option<Box<Pipeline>>,
 }
 
 /// Serves an upgraded connection until it closes.
@@ -136,6 +140,7 @@ async fn run<R, W>(
         violations: 0,
         acked: false,
         since: unix_ms(),
+        pipeline: None,
     };
     tracing::debug!(conn = %session.conn_id, user = %session.identity.user, "connected");
     // A panic while serving this connection must not leave it half alive: close
@@ -158,8 +163,16 @@ async fn read_loop<R: AsyncRead + Unpin>(session: &mut Session, reader: &mut Fra
     let outbox = Arc::clone(&session.link.outbox);
     Box::pin(session.register()).await;
     loop {
+        let full = session.pipeline.as_mut().is_some_and(|p| p.is_full());
         let frame = tokio::select! {
-            frame = reader.read_frame() => frame,
+            reply = next_reply(&mut session.pipeline) => {
+                outbox.push_reply(reply);
+                if session.pipeline.as_mut().is_some_and(|p| p.is_empty()) {
+                    session.pipeline = None;
+                }
+                continue;
+            }
+            frame = reader.read_frame(), if !full => frame,
             _ = outbox.closing() => break,
         };
         let frame = match frame {
@@ -222,6 +235,14 @@ async fn read_loop<R: AsyncRead + Unpin>(session: &mut Session, reader: &mut Fra
             }
             OpCode::Pong => {}
         }
+    }
+}
+
+/// The next reply of a publish in flight; pending while there is none.
+async fn next_reply(pipeline: &mut Option<Box<Pipeline>>) -> bytes::Bytes {
+    match pipeline {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -374,6 +395,10 @@ impl Session {
             }
         };
         let id = id.as_deref();
+        if !matches!(command, Command::Publish { .. }) {
+            // Every reply in request order: earlier publishes are answered first.
+            self.drain_pipeline().await;
+        }
         let result = match command {
             Command::Subscribe {
                 channel,
@@ -400,7 +425,8 @@ impl Session {
                 traceparent,
             } => {
                 self.publish(id, &channel, data, msg_id, traceparent.as_deref())
-                    .await
+                    .await;
+                Ok(())
             }
             Command::Ack { channel, seq } => self.ack(&channel, seq).await,
             Command::History {
@@ -433,6 +459,16 @@ impl Session {
         };
         if let Err(f) = result {
             self.reply_error(id, f.code, &f.reason);
+        }
+    }
+
+    /// Waits for every publish in flight and queues their replies.
+    async fn drain_pipeline(&mut self) {
+        if let Some(mut p) = self.pipeline.take() {
+            while !p.is_empty() {
+                let reply = p.next().await;
+                self.link.outbox.push_reply(reply);
+            }
         }
     }
 
