@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -134,6 +134,12 @@ bench-nats: build $(NATS_SERVER)
 bench-replay: build $(NATS_SERVER)
 	cargo build --release --example bench
 	BENCH_TARGET=replay NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+## Ingest into JetStream through one node (1, 10, 1,000 connections and the API) beside
+## nats-server's own ceiling, in the same run (nats-server + the node on CPU 0).
+bench-ingest: build $(NATS_SERVER)
+	cargo build --release --example bench
+	ulimit -n 20000 && BENCH_TARGET=ingest NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 bench-cluster: build $(NATS_SERVER)
 	cargo build --release --example bench

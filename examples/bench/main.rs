@@ -43,6 +43,7 @@ use futures_util::{SinkExt, StreamExt};
 use switchyard::config::Config;
 use tokio_tungstenite::tungstenite::Message;
 
+mod ingest;
 mod latency;
 mod raw_ws;
 
@@ -899,6 +900,7 @@ async fn main() {
     let secs = env_num("BENCH_SECS", 6);
     match std::env::var("BENCH_TARGET").as_deref() {
         Ok("replay") => replay_bench(&nats_bin, token).await,
+        Ok("ingest") => ingest::run(&nats_bin, &token, "bench-api-key").await,
         Ok("nats") => {
             let (node, tcp) = Node::start_nats(&nats_bin, false);
             let target = Target::Nats { tcp };
