@@ -716,8 +716,33 @@ impl NatsServer {
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    /// Returns once every thread of it is stopped (the signal is asynchronous).
     pub fn pause(&self) {
         self.signal("-STOP");
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat"))
+                            .ok()
+                            .and_then(|s| {
+                                s.rsplit_once(')')
+                                    .map(|(_, r)| r.trim_start().starts_with('T'))
+                            })
+                            .unwrap_or(false)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while !stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server {pid} did not stop"
+            );
+            std::thread::yield_now();
+        }
     }
 
     /// Lets a paused server run again (SIGCONT).
