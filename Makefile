@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-personal bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -140,6 +140,12 @@ bench-replay: build $(NATS_SERVER)
 bench-ingest: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=ingest NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+## Personal and group channels at scale: 10,000 connections over a 3-node cluster, each
+## on its own channel and a 10-member group (nats-server + 3 nodes on CPU 0).
+bench-personal: build $(NATS_SERVER)
+	cargo build --release --example bench
+	ulimit -n 20000 && BENCH_TARGET=personal NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 bench-cluster: build $(NATS_SERVER)
 	cargo build --release --example bench

@@ -45,6 +45,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod ingest;
 mod latency;
+mod personal;
 mod raw_ws;
 
 use latency::Latency;
@@ -80,6 +81,8 @@ struct Node {
     addr: SocketAddr,
     /// A store the process needs while it runs (JetStream).
     _dir: Option<tempfile::TempDir>,
+    /// nats-server's monitoring endpoint (`/subsz`), when it has one.
+    monitor: Option<SocketAddr>,
 }
 
 impl Node {
@@ -128,6 +131,7 @@ impl Node {
             child: Some(child),
             addr,
             _dir: None,
+            monitor: None,
         }
     }
 
@@ -139,7 +143,7 @@ impl Node {
                 .expect("a free port")
                 .port()
         };
-        let (tcp, ws) = (free_port(), free_port());
+        let (tcp, ws, http) = (free_port(), free_port(), free_port());
         let dir = tempfile::tempdir().expect("a temp dir");
         let conf = dir.path().join("nats.conf");
         let js = if jetstream {
@@ -152,7 +156,7 @@ impl Node {
         };
         std::fs::write(
             &conf,
-            format!("listen: \"127.0.0.1:{tcp}\"\nmax_connections: 100000\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n{js}"),
+            format!("listen: \"127.0.0.1:{tcp}\"\nhttp: \"127.0.0.1:{http}\"\nmax_connections: 100000\nwebsocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n{js}"),
         )
         .expect("write nats.conf");
         let mut child = Command::new("taskset")
@@ -177,6 +181,7 @@ impl Node {
             child: Some(child),
             addr: SocketAddr::from(([127, 0, 0, 1], ws)),
             _dir: Some(dir),
+            monitor: Some(SocketAddr::from(([127, 0, 0, 1], http))),
         };
         (node, SocketAddr::from(([127, 0, 0, 1], tcp)))
     }
@@ -187,6 +192,7 @@ impl Node {
             pid,
             addr,
             _dir: None,
+            monitor: None,
         }
     }
 
@@ -901,6 +907,7 @@ async fn main() {
     match std::env::var("BENCH_TARGET").as_deref() {
         Ok("replay") => replay_bench(&nats_bin, token).await,
         Ok("ingest") => ingest::run(&nats_bin, &token, "bench-api-key").await,
+        Ok("personal") => personal::run(&nats_bin, &token).await,
         Ok("nats") => {
             let (node, tcp) = Node::start_nats(&nats_bin, false);
             let target = Target::Nats { tcp };
