@@ -28,6 +28,8 @@ async fn publishes_sent_without_waiting_are_stored_and_answered_in_request_order
         c.send(json!({"type": "publish", "id": i, "channel": channel, "data": {"i": i}}))
             .await;
     }
+    // A malformed request (an unknown type) and a ping: answered after all of them.
+    c.send(json!({"type": "nonsense", "id": "bad"})).await;
     c.send(json!({"type": "ping", "id": "last"})).await;
 
     let mut seqs = Vec::new();
@@ -42,6 +44,12 @@ async fn publishes_sent_without_waiting_are_stored_and_answered_in_request_order
         assert_eq!(reply["type"], "published", "{reply}");
         seqs.push(reply["seq"].as_u64().unwrap());
     }
+    let bad = c.recv().await;
+    assert_eq!(
+        (bad["type"].as_str(), bad["id"].as_str()),
+        (Some("error"), Some("bad")),
+        "{bad}"
+    );
     let pong = c.recv().await;
     assert_eq!(
         (pong["type"].as_str(), pong["id"].as_str()),

@@ -773,6 +773,28 @@ async fn replay(
     started.elapsed()
 }
 
+/// nats-server with JetStream and three nodes on it (`extra` settings each), all
+/// on CPU 0, once every node is ready.
+async fn start_cluster(nats_bin: &str, extra: &[(&str, String)]) -> (Node, Vec<Node>) {
+    let (nats, tcp) = Node::start_nats(nats_bin, true);
+    let url = format!("nats://{tcp}");
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let mut env = vec![
+                ("SWITCHYARD_ENGINE__KIND", "nats".to_string()),
+                ("SWITCHYARD_NATS__URL", url.clone()),
+                ("SWITCHYARD_SERVER__NODE_ID", format!("node{i}")),
+            ];
+            env.extend(extra.iter().cloned());
+            Node::start(&env)
+        })
+        .collect();
+    for n in &nodes {
+        wait_ready(n.addr).await;
+    }
+    (nats, nodes)
+}
+
 /// Waits until the node's `/readyz` answers 200 (its streams are looked up).
 async fn wait_ready(addr: SocketAddr) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -920,21 +942,7 @@ async fn main() {
             sweep(&[&node], &[&node], &target, subs, secs).await;
         }
         Ok("cluster") => {
-            // nats-server with JetStream and three switchyard nodes, all on CPU 0.
-            let (nats, tcp) = Node::start_nats(&nats_bin, true);
-            let url = format!("nats://{tcp}");
-            let nodes: Vec<Node> = (1..=3)
-                .map(|i| {
-                    Node::start(&[
-                        ("SWITCHYARD_ENGINE__KIND", "nats".into()),
-                        ("SWITCHYARD_NATS__URL", url.clone()),
-                        ("SWITCHYARD_SERVER__NODE_ID", format!("node{i}")),
-                    ])
-                })
-                .collect();
-            for n in &nodes {
-                wait_ready(n.addr).await;
-            }
+            let (nats, nodes) = start_cluster(&nats_bin, &[]).await;
             let target = Target::Switchyard { token };
             println!(
                 "bench: 3-node switchyard cluster on nats-server (JetStream), 4 processes on CPU 0; subscribers round-robin, publisher on node 1"

@@ -15,7 +15,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::latency::Latency;
 use crate::raw_ws::{self, RawWs};
-use crate::{micros, own_cpu_secs, wait_ready, Node};
+use crate::{micros, own_cpu_secs, Node};
 
 /// Group channels have this many members.
 const GROUP: usize = 10;
@@ -26,21 +26,11 @@ pub async fn run(nats_bin: &str, token: &str) {
     let conns = crate::env_num("BENCH_CONNS", 10_000) as usize;
     let rate = crate::env_num("BENCH_RATE", 2_000);
     let secs = crate::env_num("BENCH_SECS", 10);
-    let (nats, tcp) = Node::start_nats(nats_bin, true);
-    let url = format!("nats://{tcp}");
-    let nodes: Vec<Node> = (1..=3)
-        .map(|i| {
-            Node::start(&[
-                ("SWITCHYARD_ENGINE__KIND", "nats".into()),
-                ("SWITCHYARD_NATS__URL", url.clone()),
-                ("SWITCHYARD_SERVER__NODE_ID", format!("node{i}")),
-                ("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "4".into()),
-            ])
-        })
-        .collect();
-    for n in &nodes {
-        wait_ready(n.addr).await;
-    }
+    let (nats, nodes) = crate::start_cluster(
+        nats_bin,
+        &[("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "4".into())],
+    )
+    .await;
     println!(
         "bench: personal and group channels: {conns} connections over 3 nodes, each on bench.u<i> and bench.g<i/{GROUP}>; nats-server and the nodes on CPU 0, {rate} publications/s for {secs} s"
     );

@@ -390,6 +390,8 @@ impl Session {
         let (id, command) = match protocol::parse(text) {
             Ok(parsed) => parsed,
             Err(rej) => {
+                // A malformed request is still a request: answered after earlier publishes.
+                self.drain_pipeline().await;
                 self.reply_error(rej.id.as_deref(), rej.code, &rej.reason);
                 return;
             }
