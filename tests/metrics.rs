@@ -189,21 +189,6 @@ fn command(args: &[&str], env: &[(&str, String)]) -> Command {
     cmd
 }
 
-async fn ready(addr: SocketAddr) {
-    eventually(WAIT, &format!("{addr}/readyz"), || async move {
-        match tokio::time::timeout(Duration::from_secs(1), async {
-            tokio::net::TcpStream::connect(addr).await.ok()?;
-            Some(http(addr, "GET", "/readyz", &[], None).await.0)
-        })
-        .await
-        {
-            Ok(Some(200)) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-}
-
 /// A gateway process on nats + redis; `extra` adds variables.
 async fn gateway(
     nats: &NatsServer,
@@ -226,7 +211,7 @@ async fn gateway(
             .expect("switchyard starts"),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    ready(addr).await;
+    wait_http(addr, "/readyz").await;
     (child, addr)
 }
 
@@ -495,7 +480,7 @@ async fn counters_and_the_latency_histogram_follow_traffic_across_nodes() {
         .spawn()
         .expect("switchyard feed starts"),
     );
-    ready(feed_addr).await;
+    wait_http(feed_addr, "/readyz").await;
     let feed = eventually(WAIT, "feed ticks published", || async {
         let s = scrape(feed_addr).await;
         (s.get(

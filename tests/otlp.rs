@@ -56,22 +56,6 @@ fn rotel() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-async fn wait_http(port: u16, path: &str) {
-    eventually(WAIT, &format!("127.0.0.1:{port}{path}"), || async move {
-        let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        match tokio::time::timeout(Duration::from_secs(1), async {
-            tokio::net::TcpStream::connect(addr).await.ok()?;
-            Some(http(addr, "GET", path, &[], None).await.0)
-        })
-        .await
-        {
-            Ok(Some(200)) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-}
-
 /// A switchyard node process on the nats engine with `otel` variables.
 async fn node(nats: &NatsServer, id: &str, otel: &[(&str, String)]) -> (Proc, u16) {
     let port = free_port();
@@ -97,7 +81,7 @@ async fn node(nats: &NatsServer, id: &str, otel: &[(&str, String)]) -> (Proc, u1
         cmd.env(k, v);
     }
     let child = Proc(cmd.spawn().expect("the switchyard binary starts"));
-    wait_http(port, "/readyz").await;
+    wait_http(format!("127.0.0.1:{port}").parse().unwrap(), "/readyz").await;
     (child, port)
 }
 
@@ -147,7 +131,11 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
             .spawn()
             .expect("the sink starts"),
     );
-    wait_http(sink_http, "/healthz").await;
+    wait_http(
+        format!("127.0.0.1:{sink_http}").parse().unwrap(),
+        "/healthz",
+    )
+    .await;
     let (rotel_grpc, rotel_http) = (free_port(), free_port());
     let _rotel = Proc(
         Command::new(rotel())

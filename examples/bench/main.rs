@@ -453,16 +453,6 @@ impl Publisher {
     }
 }
 
-/// The number after `key` in a frame, without parsing the JSON.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let start = text.find(key)? + key.len();
-    let digits: &str = &text[start..];
-    let end = digits
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(digits.len());
-    digits[..end].parse().ok()
-}
-
 async fn idle_memory(node: &Node, target: &Target, conns: usize) {
     let addr = node.addr;
     // One connection first, so runtime start-up allocations are not counted.
@@ -527,13 +517,21 @@ impl FanOut {
         self.generator_cpu / self.wall >= 0.8
     }
 
-    fn verdict(&self) -> &'static str {
+    /// What limited the run, and what its figures are good for.
+    fn verdict(&self) -> (&'static str, &'static str) {
         match (self.generator_bound(), self.server_saturated()) {
-            (true, _) => {
-                "GENERATOR-BOUND: these figures are the load generator's, not the server's"
-            }
-            (false, true) => "server saturated: compare latency at equal load, not per-CPU figures",
-            (false, false) => "below saturation: deliveries per CPU-second is the cost figure",
+            (true, _) => (
+                "generator-bound",
+                "these figures are the load generator's, not the server's",
+            ),
+            (false, true) => (
+                "server saturated",
+                "compare latency at equal load, not per-CPU figures",
+            ),
+            (false, false) => (
+                "below saturation",
+                "deliveries per CPU-second is the cost figure",
+            ),
         }
     }
 
@@ -572,7 +570,8 @@ impl FanOut {
             ms(self.latency.quantile_us(0.99)),
             ms(self.latency.max_us())
         );
-        println!("verdict:                    {}", self.verdict());
+        let (limit, meaning) = self.verdict();
+        println!("verdict:                    {limit}: {meaning}");
     }
 }
 
@@ -622,13 +621,7 @@ async fn sweep(nodes: &[&Node], procs: &[&Node], target: &Target, subs: usize, s
             ms(r.latency.quantile_us(0.99)),
             ms(r.latency.max_us()),
             r.deliveries == r.expected && r.ordered,
-            if r.generator_bound() {
-                "generator-bound"
-            } else if r.server_saturated() {
-                "server saturated"
-            } else {
-                "below saturation"
-            }
+            r.verdict().0
         );
     }
 }
@@ -758,7 +751,7 @@ async fn replay(
         };
         // Only the seq is read: no JSON parse per publication on the generator.
         if t.starts_with(r#"{"type":"msg""#) {
-            let seq = number_after(&t, "\"seq\":").expect("a seq");
+            let seq = raw_ws::number_after(t.as_bytes(), b"\"seq\":").expect("a seq");
             assert!(seq > last, "in order: {seq} after {last}");
             last = seq;
             got += 1;

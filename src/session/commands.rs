@@ -372,9 +372,11 @@ impl Session {
         let ack = match sent {
             Ok(ack) => ack,
             Err(e) => {
-                let failed: Result<crate::engine::Published, _> = Err(e);
-                series.outcome(crate::metrics::Source::Client, &failed);
-                return Err(failed.map_err(Refusal::from).unwrap_err());
+                series.outcome(
+                    crate::metrics::Source::Client,
+                    &Err::<crate::engine::Published, _>(&e),
+                );
+                return Err(e.into());
             }
         };
         Ok(Box::pin(

@@ -572,6 +572,22 @@ pub async fn api_publish(addr: SocketAddr, channel: &str, data: Value) -> u64 {
     v["seq"].as_u64().unwrap()
 }
 
+/// Waits until `GET path` on `addr` answers 200 (a process started in the background).
+pub async fn wait_http(addr: SocketAddr, path: &str) {
+    eventually(WAIT, &format!("{addr}{path}"), || async move {
+        match tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::net::TcpStream::connect(addr).await.ok()?;
+            Some(http(addr, "GET", path, &[], None).await.0)
+        })
+        .await
+        {
+            Ok(Some(200)) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
