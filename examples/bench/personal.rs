@@ -89,8 +89,14 @@ pub async fn run(nats_bin: &str, token: &str) {
 
     // Publishers on node 1: paced, pipelined (replies read by their own task).
     let total = rate * secs;
-    let cpu = || nats.cpu_secs() + nodes.iter().map(|n| n.cpu_secs()).sum::<f64>();
-    let (cpu0, own0, t0) = (cpu(), own_cpu_secs(), Instant::now());
+    let each = || {
+        let mut v = vec![nats.cpu_secs()];
+        v.extend(nodes.iter().map(|n| n.cpu_secs()));
+        v
+    };
+    let cpu = || each().iter().sum::<f64>();
+    let (each0, own0, t0) = (each(), own_cpu_secs(), Instant::now());
+    let cpu0 = each0.iter().sum::<f64>();
     let mut expected = 0u64;
     let mut publishers = Vec::new();
     for _ in 0..PUBLISHERS {
@@ -156,6 +162,12 @@ pub async fn run(nats_bin: &str, token: &str) {
     }
     let wall = t0.elapsed().as_secs_f64() - 2.0;
     let server_cpu = cpu() - cpu0;
+    let split: Vec<String> = each()
+        .iter()
+        .zip(&each0)
+        .zip(["nats-server", "node 1 (publishing)", "node 2", "node 3"])
+        .map(|((now, then), name)| format!("{name} {:.2} s", now - then))
+        .collect();
     let generator = own_cpu_secs() - own0;
     let delivered = latency.count();
     let ms = |us: u64| us as f64 / 1000.0;
@@ -184,6 +196,7 @@ pub async fn run(nats_bin: &str, token: &str) {
         100.0 * server_cpu / wall,
         100.0 * generator / wall
     );
+    println!("server CPU by process:      {}", split.join(", "));
     println!(
         "deliveries per CPU-second:  {:.0}; per second (wall): {:.0}",
         delivered as f64 / server_cpu.max(0.01),
