@@ -22,7 +22,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::LogConfig;
 
 /// Kept for the life of the process: spans need their provider, and `shutdown` flushes it.
-static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+static PROVIDER: OnceLock<Option<SdkTracerProvider>> = OnceLock::new();
 
 /// How spans leave the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +72,13 @@ fn resource(node_id: &str) -> Resource {
         .build()
 }
 
-/// The provider: with a batch exporter when OTLP is configured, else without any
-/// (spans still carry trace context across nodes, at the cost of creating them).
-/// gRPC needs the runtime (tonic's channel runs on it); http/protobuf must be built
-/// outside it (its blocking client has a runtime of its own).
-fn provider(node_id: &str, runtime: Option<&tokio::runtime::Handle>) -> SdkTracerProvider {
-    let builder = SdkTracerProvider::builder().with_resource(resource(node_id));
+/// The provider with its batch exporter when OTLP is configured and can be built;
+/// `None` otherwise (then no span is made at all). gRPC needs the runtime (tonic's
+/// channel runs on it); http/protobuf must be built outside it (its blocking client
+/// has a runtime of its own).
+fn provider(node_id: &str, runtime: Option<&tokio::runtime::Handle>) -> Option<SdkTracerProvider> {
     let exporter = match wanted() {
-        Ok(None) => return builder.build(),
+        Ok(None) => return None,
         Ok(Some(Protocol::HttpProtobuf)) => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build(),
@@ -93,21 +92,33 @@ fn provider(node_id: &str, runtime: Option<&tokio::runtime::Handle>) -> SdkTrace
             }
             None => {
                 eprintln!("switchyard: OTLP over grpc needs the runtime; traces are not exported");
-                return builder.build();
+                return None;
             }
         },
         Err(why) => {
             eprintln!("switchyard: {why}; traces are not exported");
-            return builder.build();
+            return None;
         }
     };
     match exporter {
-        Ok(e) => builder.with_batch_exporter(e).build(),
+        Ok(e) => Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource(node_id))
+                .with_batch_exporter(e)
+                .build(),
+        ),
         Err(e) => {
             eprintln!("switchyard: cannot build the OTLP exporter ({e}); traces are not exported");
-            builder.build()
+            None
         }
     }
+}
+
+/// Whether this process makes and exports spans (`init` found OTLP configured).
+/// When it does not, a caller's trace context is still forwarded to the delivering
+/// nodes as it came (`PublishRequest::caller_trace`).
+pub fn exporting() -> bool {
+    PROVIDER.get().is_some_and(Option::is_some)
 }
 
 /// Installs the global subscriber, the W3C propagator and the tracer provider; a
@@ -117,19 +128,23 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let json = JsonLine::default();
-    let fmt = if cfg.json {
-        fmt.event_format(json.clone()).with_filter(filter).boxed()
-    } else {
-        fmt.with_filter(filter).boxed()
-    };
-    // Spans are created whatever the log level, so trace context propagates even when
-    // logs are quiet.
-    let provider = PROVIDER.get_or_init(|| provider(node_id, runtime));
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("switchyard"))
-        .with_filter(LevelFilter::INFO);
+    let fmt = log_layer(cfg.json.then(|| json.clone()), filter, std::io::stderr);
+    // Spans exist only to be exported: without a provider no layer wants them, and a
+    // span costs a disabled callsite's check (a quarter of a publish's CPU otherwise).
+    // With one, they are made whatever the log level. No busy/idle time and no thread
+    // attributes: they cost a clock read on every poll of an instrumented future and
+    // tell an SRE nothing the span's duration does not.
+    let otel = PROVIDER
+        .get_or_init(|| provider(node_id, runtime))
+        .as_ref()
+        .map(|provider| {
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("switchyard"))
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_filter(LevelFilter::INFO)
+        });
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     // `try_init` also routes the `log` records of libraries into tracing.
     if tracing_subscriber::registry()
@@ -142,10 +157,32 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
     }
 }
 
+/// The log layer: JSON lines (`json`) or human-readable ones, of events only. Spans
+/// are the trace layer's: formatting their fields at every span's creation, for a
+/// line seldom written, cost more than the publish they described. A JSON line still
+/// names its span and carries its trace context (`JsonLine`).
+fn log_layer<S, W>(
+    json: Option<JsonLine>,
+    filter: EnvFilter,
+    writer: W,
+) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::filter::FilterExt;
+    let events = filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    match json {
+        Some(json) => fmt.event_format(json).with_filter(events).boxed(),
+        None => fmt.with_filter(events).boxed(),
+    }
+}
+
 /// Exports what is still batched and stops the exporter. Blocks: call it outside
 /// the runtime (or from `spawn_blocking`).
 pub fn shutdown() {
-    if let Some(p) = PROVIDER.get() {
+    if let Some(Some(p)) = PROVIDER.get() {
         let _ = p.shutdown();
     }
 }
@@ -189,7 +226,7 @@ where
 {
     fn format_event(
         &self,
-        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
@@ -208,11 +245,17 @@ where
         line.insert("level".into(), meta.level().as_str().into());
         line.insert("fields".into(), Value::Object(fields));
         line.insert("target".into(), meta.target().into());
-        if let Some(span) = ctx.lookup_current() {
-            line.insert("span".into(), span.name().into());
-            // Not `dispatcher::get_default`: inside an event it is the no-op dispatcher.
-            let dispatch = self.dispatch.get().and_then(|w| w.upgrade());
-            let cx = dispatch.and_then(|d| tracing_opentelemetry::get_otel_context(&span.id(), &d));
+        // Not `ctx.lookup_current()`: the log layer does not see spans (`log_layer`).
+        // Not `dispatcher::get_default` either: inside an event it is the no-op one.
+        let dispatch = self.dispatch.get().and_then(|w| w.upgrade());
+        let current = dispatch.as_ref().and_then(|d| {
+            let registry = d.downcast_ref::<tracing_subscriber::Registry>()?;
+            let current = tracing::Subscriber::current_span(registry);
+            Some((current.id()?.clone(), current.metadata()?.name()))
+        });
+        if let (Some(d), Some((id, name))) = (&dispatch, current) {
+            line.insert("span".into(), name.into());
+            let cx = tracing_opentelemetry::get_otel_context(&id, d);
             let sc = cx.map(|cx| cx.span().span_context().clone());
             if let Some(sc) = sc.filter(|sc| sc.is_valid()) {
                 line.insert("trace_id".into(), sc.trace_id().to_string().into());
@@ -279,11 +322,11 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
         let json = JsonLine::default();
         let subscriber = tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .event_format(json.clone())
-                    .with_writer(move || out.clone()),
-            )
+            .with(super::log_layer(
+                Some(json.clone()),
+                tracing_subscriber::EnvFilter::new("info"),
+                move || out.clone(),
+            ))
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let dispatch = tracing::Dispatch::new(subscriber);
         json.dispatch.set(dispatch.downgrade()).unwrap();

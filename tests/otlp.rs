@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
 const FRAME_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const QUIET_TRACE_ID: &str = "5c0ffee0000000000000000000000042";
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -240,11 +241,14 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
         "spans from both nodes in the sink",
         || async move {
             let spans = spans_of(sink_http, TRACE_ID).await;
-            let nodes: Vec<&str> = spans.iter().map(instance).collect();
-            (nodes.contains(&"node-a")
-                && spans
+            let has = |node: &str, name: &str| {
+                spans
                     .iter()
-                    .any(|s| instance(s) == "node-b" && s["name"] == "deliver"))
+                    .any(|s| instance(s) == node && s["name"] == name)
+            };
+            (has("node-a", "api_publish")
+                && has("node-a", "jetstream.publish")
+                && has("node-b", "deliver"))
             .then_some(spans)
         },
     )
@@ -287,10 +291,9 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
     }
     let frame_spans = eventually(WAIT, "the client publish's spans", || async move {
         let spans = spans_of(sink_http, FRAME_TRACE_ID).await;
-        spans
-            .iter()
-            .any(|s| s["name"] == "deliver")
-            .then_some(spans)
+        // The nodes export in their own batches: wait for both ends.
+        let has = |name: &str| spans.iter().any(|s| s["name"] == name);
+        (has("publish") && has("deliver")).then_some(spans)
     })
     .await;
     let client_publish = frame_spans
@@ -302,6 +305,41 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
         client_publish["attributes"]["user"]["stringValue"],
         "writer"
     );
+    // Node C makes no spans (no OTEL variables) but forwards the caller's context:
+    // B's delivery continues the caller's trace, as the child of the caller's span.
+    let (_c, c_port) = node(&nats, "node-c", &[]).await;
+    let quiet_parent = format!("00-{QUIET_TRACE_ID}-{CALLER_SPAN}-01");
+    let (status, reply) = http(
+        format!("127.0.0.1:{c_port}").parse().unwrap(),
+        "POST",
+        "/api/v1/publish",
+        &[
+            ("authorization", &format!("apikey {API_KEY}")),
+            ("traceparent", &quiet_parent),
+        ],
+        Some(&json!({"channel": "chat.room.traced", "data": {"n": 3}}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(subscriber.recv_type("msg").await["data"]["n"], 2);
+    assert_eq!(subscriber.recv_type("msg").await["data"]["n"], 3);
+    let quiet = eventually(WAIT, "B's delivery of C's publication", || async move {
+        let spans = spans_of(sink_http, QUIET_TRACE_ID).await;
+        spans
+            .iter()
+            .any(|s| s["name"] == "deliver")
+            .then_some(spans)
+    })
+    .await;
+    assert!(
+        quiet.iter().all(|s| instance(s) == "node-b"),
+        "only B exports: {quiet:#?}"
+    );
+    let deliver = quiet
+        .iter()
+        .find(|s| s["name"] == "deliver")
+        .expect("a deliver span");
+    assert_eq!(deliver["parent_span_id"], CALLER_SPAN, "{deliver:#}");
     for s in &spans {
         assert_eq!(s["trace_id"], TRACE_ID);
         assert_eq!(s["resource"]["service.name"]["stringValue"], "switchyard");

@@ -31,6 +31,8 @@ struct Ingest {
     published: u64,
     wall: f64,
     server_cpu: f64,
+    /// The node's share of `server_cpu` (none for the ceiling).
+    node_cpu: f64,
     generator_cpu: f64,
     latency: Latency,
 }
@@ -68,18 +70,20 @@ pub async fn run(nats_bin: &str, token: &str, api_key: &str) {
     }
     runs.push(through_api(&procs, node.addr, api_key, n / 2).await);
     let top = runs[0].rate();
-    println!("| path | publications/s | of the ceiling | p50 | p99 | server CPU | generator CPU |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| path | publications/s | of the ceiling | p50 | p99 | server CPU | µs of CPU per publication: nats-server / node | generator CPU |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &runs {
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
-            "| {} | {:.0} | {:.0} % | {:.2} ms | {:.2} ms | {:.0} % | {:.0} %{} |",
+            "| {} | {:.0} | {:.0} % | {:.2} ms | {:.2} ms | {:.0} % | {:.1} / {:.1} | {:.0} %{} |",
             r.what,
             r.rate(),
             100.0 * r.rate() / top,
             ms(r.latency.quantile_us(0.5)),
             ms(r.latency.quantile_us(0.99)),
             100.0 * r.server_cpu / r.wall,
+            1e6 * (r.server_cpu - r.node_cpu) / r.published.max(1) as f64,
+            1e6 * r.node_cpu / r.published.max(1) as f64,
             100.0 * r.generator_cpu / r.wall,
             if r.generator_cpu / r.wall >= 0.8 {
                 " (generator-bound)"
@@ -97,7 +101,7 @@ async fn measure<F: std::future::Future<Output = (u64, Latency)>>(
     work: F,
 ) -> Ingest {
     let cpu = || procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
-    let (cpu0, own0, started) = (cpu(), own_cpu_secs(), Instant::now());
+    let (cpu0, node0, own0, started) = (cpu(), procs[1].cpu_secs(), own_cpu_secs(), Instant::now());
     let (published, latency) = work.await;
     println!(
         "ingest: {what}: {published} in {:.2} s ({:.0}/s), p99 {:.2} ms",
@@ -110,6 +114,7 @@ async fn measure<F: std::future::Future<Output = (u64, Latency)>>(
         published,
         wall: started.elapsed().as_secs_f64(),
         server_cpu: cpu() - cpu0,
+        node_cpu: procs[1].cpu_secs() - node0,
         generator_cpu: own_cpu_secs() - own0,
         latency,
     }

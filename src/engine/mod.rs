@@ -110,6 +110,9 @@ pub struct PublishRequest {
     pub from: Option<Arc<str>>,
     /// Idempotency key: a repeat within the dedupe window returns the original seq.
     pub msg_id: Option<String>,
+    /// The caller's W3C trace context (`traceparent`), forwarded to the delivering
+    /// nodes as it came when this node makes no spans (trace export off).
+    pub caller_trace: Option<opentelemetry::Context>,
 }
 
 /// What a publish produced.

@@ -134,7 +134,7 @@ fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Public
         seq = crate::telemetry::int(publication.seq),
         recipients = tracing::field::Empty,
     );
-    if let Some(h) = headers {
+    if let Some(h) = headers.filter(|_| !span.is_disabled()) {
         let parent =
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
         let _ = span.set_parent(parent);
@@ -342,11 +342,23 @@ impl NatsBroker {
         if let Some(from) = &req.from {
             headers.insert(FROM_HEADER, &**from);
         }
-        // The publishing span's W3C context, so delivering nodes join the same trace.
-        let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut HeaderInjector(&mut headers))
-        });
+        // The W3C context delivering nodes continue: the publishing span's, or without
+        // spans (export off) the caller's own, so a trace started upstream goes on.
+        let cx = if crate::telemetry::exporting() {
+            Some(tracing_opentelemetry::OpenTelemetrySpanExt::context(
+                &tracing::Span::current(),
+            ))
+        } else {
+            req.caller_trace
+        };
+        if let Some(cx) = cx {
+            use opentelemetry::trace::TraceContextExt;
+            if cx.span().span_context().is_valid() {
+                opentelemetry::global::get_text_map_propagator(|p| {
+                    p.inject_context(&cx, &mut HeaderInjector(&mut headers))
+                });
+            }
+        }
         let payload = Bytes::copy_from_slice(req.data.get().as_bytes());
         let subject = self.subject(&req.channel);
         // Its duration is the JetStream round trip: the publish and the stream's ack.

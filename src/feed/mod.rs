@@ -190,6 +190,7 @@ impl TickSink {
                 data,
                 from: None,
                 msg_id: Some(tick.msg_id()),
+                caller_trace: None,
             })
             .await;
         // Every attempt counts: a retried 113 is a failure, then a publication.

@@ -596,6 +596,7 @@ async fn publish_one(
             data,
             from: None,
             msg_id,
+            caller_trace: Some(parent.clone()),
         })
         .instrument(span.clone())
         .await;

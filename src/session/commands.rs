@@ -353,8 +353,9 @@ impl Session {
             seq = tracing::field::Empty,
             duplicate = tracing::field::Empty,
         );
-        if traceparent.is_some() {
-            let _ = span.set_parent(crate::telemetry::remote_parent(traceparent, None));
+        let caller_trace = traceparent.map(|t| crate::telemetry::remote_parent(Some(t), None));
+        if let Some(cx) = &caller_trace {
+            let _ = span.set_parent(cx.clone());
         }
         let series = crate::metrics::get().publishing(channel.namespace());
         let sent = self
@@ -366,6 +367,7 @@ impl Session {
                 data,
                 from: Some(Arc::clone(&self.identity.user)),
                 msg_id,
+                caller_trace,
             })
             .instrument(span.clone())
             .await;

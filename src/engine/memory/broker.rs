@@ -369,6 +369,7 @@ mod tests {
             data: RawValue::from_string("1".into()).unwrap(),
             from: None,
             msg_id: msg_id.map(str::to_string),
+            caller_trace: None,
         })
         .unwrap()
     }
