@@ -147,12 +147,13 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
         });
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     // `try_init` also routes the `log` records of libraries into tracing.
-    if tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .is_ok()
-    {
+    // Not `.with(otel)` with an `Option`: a `None` layer enables every callsite.
+    let logs = tracing_subscriber::registry().with(fmt);
+    let installed = match otel {
+        Some(otel) => logs.with(otel).try_init(),
+        None => logs.try_init(),
+    };
+    if installed.is_ok() {
         tracing::dispatcher::get_default(|d| json.dispatch.set(d.downgrade()).ok());
     }
 }
