@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-personal bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-personal bench-instructions bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -146,6 +146,10 @@ bench-ingest: build $(NATS_SERVER)
 bench-personal: build $(NATS_SERVER)
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=personal NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
+
+## Instructions per client publication through a node on NATS (callgrind; needs valgrind).
+bench-instructions: build $(NATS_SERVER)
+	scripts/publish-instructions.sh $(BIN) $(NATS_SERVER)
 
 bench-cluster: build $(NATS_SERVER)
 	cargo build --release --example bench
