@@ -186,6 +186,40 @@ impl Node {
         (node, SocketAddr::from(([127, 0, 0, 1], tcp)))
     }
 
+    /// redis-server pinned to CPU 0, without persistence; its URL.
+    fn start_redis() -> (Node, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let child = Command::new("taskset")
+            .args(["-c", "0", "redis-server", "--bind", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let started = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server listens"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let node = Node {
+            pid: child.id(),
+            child: Some(child),
+            addr,
+            _dir: Some(dir),
+            monitor: None,
+        };
+        (node, format!("redis://{addr}"))
+    }
+
     fn attach(addr: SocketAddr, pid: u32) -> Node {
         Node {
             child: None,

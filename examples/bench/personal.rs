@@ -1,6 +1,7 @@
 //! `BENCH_TARGET=personal` (`make bench-personal`): the shape of Centrifugo's
-//! million-connection benchmark on a 3-node cluster (nats-server with JetStream
-//! and three nodes, all on CPU 0; this generator on CPU 1). Every connection
+//! million-connection benchmark on a 3-node cluster (nats-server with JetStream,
+//! redis-server for presence and three nodes, all on CPU 0; this generator on
+//! CPU 1). Every connection
 //! subscribes to its own channel (`bench.u<i>`) and to one 10-member group
 //! channel (`bench.g<i/10>`, whose members sit on all three nodes); publications
 //! go half to random personal channels (one delivery each), half to random groups
@@ -26,13 +27,20 @@ pub async fn run(nats_bin: &str, token: &str) {
     let conns = crate::env_num("BENCH_CONNS", 10_000) as usize;
     let rate = crate::env_num("BENCH_RATE", 2_000);
     let secs = crate::env_num("BENCH_SECS", 10);
+    // Presence in Redis, as a chat deployment runs: every connect registers the
+    // connection, every subscribe joins the channel's presence.
+    let (redis, redis_url) = Node::start_redis();
     let (nats, nodes) = crate::start_cluster(
         nats_bin,
-        &[("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "4".into())],
+        &[
+            ("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "4".into()),
+            ("SWITCHYARD_NAMESPACES__BENCH__PRESENCE", "true".into()),
+            ("SWITCHYARD_REDIS__URL", redis_url),
+        ],
     )
     .await;
     println!(
-        "bench: personal and group channels: {conns} connections over 3 nodes, each on bench.u<i> and bench.g<i/{GROUP}>; nats-server and the nodes on CPU 0, {rate} publications/s for {secs} s"
+        "bench: personal and group channels: {conns} connections over 3 nodes, each on bench.u<i> and bench.g<i/{GROUP}>; nats-server, redis-server (presence) and the nodes on CPU 0, {rate} publications/s for {secs} s"
     );
     let rss = || nodes.iter().map(|n| n.rss_kib()).sum::<u64>();
     let subs0 = nats_subscriptions(&nats).await;
@@ -73,6 +81,7 @@ pub async fn run(nats_bin: &str, token: &str) {
         retried += r;
     }
     let subscribe_secs = started.elapsed().as_secs_f64() - connect_secs;
+    let presence_keys = redis_keys(&redis).await;
     let rss2 = rss();
     let subs1 = nats_subscriptions(&nats).await;
     let channels = conns + conns.div_ceil(GROUP);
@@ -90,7 +99,7 @@ pub async fn run(nats_bin: &str, token: &str) {
     // Publishers on node 1: paced, pipelined (replies read by their own task).
     let total = rate * secs;
     let each = || {
-        let mut v = vec![nats.cpu_secs()];
+        let mut v = vec![nats.cpu_secs(), redis.cpu_secs()];
         v.extend(nodes.iter().map(|n| n.cpu_secs()));
         v
     };
@@ -165,7 +174,7 @@ pub async fn run(nats_bin: &str, token: &str) {
     let split: Vec<String> = each()
         .iter()
         .zip(&each0)
-        .zip(["nats-server", "node 1 (publishing)", "node 2", "node 3"])
+        .zip(["nats-server", "redis-server", "node 1 (publishing)", "node 2", "node 3"])
         .map(|((now, then), name)| format!("{name} {:.2} s", now - then))
         .collect();
     let generator = own_cpu_secs() - own0;
@@ -180,6 +189,7 @@ pub async fn run(nats_bin: &str, token: &str) {
         kib_per(rss2 - rss1, 3 * channels_per_node),
         (rss2 - rss1) as f64 / (3 * channels_per_node) as f64 * 10_000.0
     );
+    println!("Redis:                      {presence_keys} keys after the subscribes (presence and connection entries)");
     println!(
         "NATS subscriptions:         {subs0} -> {subs1} (+{} for {} channel-node pairs: {:.2} per channel a node holds, {:.0} per 10,000)",
         subs1.saturating_sub(subs0),
@@ -192,7 +202,7 @@ pub async fn run(nats_bin: &str, token: &str) {
         "deliveries:                 {delivered} of {expected} (in order per channel: {ordered})"
     );
     println!(
-        "server CPU:                 {server_cpu:.2} s over {wall:.2} s ({:.0} % of CPU 0, 4 processes); generator {generator:.2} s ({:.0} % of CPU 1)",
+        "server CPU:                 {server_cpu:.2} s over {wall:.2} s ({:.0} % of CPU 0, 5 processes); generator {generator:.2} s ({:.0} % of CPU 1)",
         100.0 * server_cpu / wall,
         100.0 * generator / wall
     );
@@ -290,4 +300,19 @@ async fn nats_subscriptions(nats: &Node) -> u64 {
     let mut body = Vec::new();
     s.read_to_end(&mut body).await.expect("response");
     raw_ws::number_after(&body, b"\"num_subscriptions\": ").expect("num_subscriptions")
+}
+
+/// How many keys redis-server holds (`DBSIZE`).
+async fn redis_keys(redis: &Node) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(redis.addr)
+        .await
+        .expect("redis-server");
+    s.write_all(b"DBSIZE\r\n").await.expect("DBSIZE");
+    let mut reply = [0u8; 64];
+    let n = s.read(&mut reply).await.expect("a reply");
+    std::str::from_utf8(&reply[..n])
+        .ok()
+        .and_then(|r| r.trim().strip_prefix(':')?.parse().ok())
+        .expect("DBSIZE answers :N")
 }
