@@ -174,7 +174,13 @@ pub async fn run(nats_bin: &str, token: &str) {
     let split: Vec<String> = each()
         .iter()
         .zip(&each0)
-        .zip(["nats-server", "redis-server", "node 1 (publishing)", "node 2", "node 3"])
+        .zip([
+            "nats-server",
+            "redis-server",
+            "node 1 (publishing)",
+            "node 2",
+            "node 3",
+        ])
         .map(|((now, then), name)| format!("{name} {:.2} s", now - then))
         .collect();
     let generator = own_cpu_secs() - own0;
