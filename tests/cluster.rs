@@ -586,42 +586,50 @@ async fn namespace_options_shape_the_streams() {
     assert_eq!(chat.config.max_messages_per_subject, 10_000);
 }
 
-/// A publication carries the W3C trace context of the publishing span into NATS.
+/// Without trace export a node makes no spans, but a caller's W3C trace context (the
+/// `publish` frame's `traceparent`, the API's header) travels into NATS as it came,
+/// and a publication without one carries none. (With export, tests/otlp.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publications_carry_a_w3c_traceparent() {
+async fn publications_forward_the_callers_w3c_traceparent() {
     let nats = NatsServer::start();
     let a = start(cluster_config(&nats, "a")).await;
     let mut c = connect_as(a.addr, "u", &[]).await;
-    let seq = c.publish("open.traced", json!(1)).await;
-    let api_seq = api_publish(a.addr, "open.traced", json!(2)).await;
+    let from_frame = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let frame_seq = c
+        .call(
+            json!({"type": "publish", "channel": "open.traced", "data": 1, "traceparent": from_frame}),
+            "published",
+        )
+        .await["seq"]
+        .as_u64()
+        .unwrap();
+    let from_header = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (status, reply) = http(
+        a.addr,
+        "POST",
+        "/api/v1/publish",
+        &[
+            ("authorization", &format!("apikey {API_KEY}")),
+            ("traceparent", from_header),
+        ],
+        Some(&json!({"channel": "open.traced", "data": 2}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let api_seq = reply["seq"].as_u64().unwrap();
+    let untraced_seq = c.publish("open.traced", json!(3)).await;
 
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     let stream = js.get_stream("SY_OPEN").await.unwrap();
-    let mut trace_ids = Vec::new();
-    for s in [seq, api_seq] {
-        let m = stream.direct_get(s).await.unwrap();
-        let tp = m
-            .headers
-            .get("traceparent")
-            .expect("a traceparent header")
-            .as_str()
-            .to_string();
-        let parts: Vec<&str> = tp.split('-').collect();
-        assert_eq!(parts.len(), 4, "{tp}");
-        assert_eq!(parts[0], "00", "version");
-        assert!(
-            parts[1].len() == 32
-                && parts[1].chars().all(|c| c.is_ascii_hexdigit())
-                && parts[1] != "0".repeat(32),
-            "{tp}"
-        );
-        assert!(
-            parts[2].len() == 16 && parts[2].chars().all(|c| c.is_ascii_hexdigit()),
-            "{tp}"
-        );
-        trace_ids.push(parts[1].to_string());
-    }
-    assert_ne!(trace_ids[0], trace_ids[1], "each publish is its own trace");
+    let traceparent = |m: &async_nats::jetstream::message::StreamMessage| {
+        m.headers.get("traceparent").map(|v| v.as_str().to_string())
+    };
+    let m = stream.direct_get(frame_seq).await.unwrap();
+    assert_eq!(traceparent(&m).as_deref(), Some(from_frame));
+    let m = stream.direct_get(api_seq).await.unwrap();
+    assert_eq!(traceparent(&m).as_deref(), Some(from_header));
+    let m = stream.direct_get(untraced_seq).await.unwrap();
+    assert_eq!(traceparent(&m), None, "no caller context, no header");
 }
 
 /// Snapshots come from the stream: the latest price first, on any node.
