@@ -42,11 +42,7 @@ struct NodeProcess {
 
 impl NodeProcess {
     async fn start(nats: &NatsServer, redis: &RedisServer, id: &str) -> NodeProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("node.toml");
         std::fs::write(

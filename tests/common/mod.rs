@@ -588,13 +588,23 @@ pub async fn wait_http(addr: SocketAddr, path: &str) {
     .await;
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now, and never handed out before in this
+/// test process: a test that reserves a port for a server it starts later (Redis
+/// coming back) must not find another test's server on it meanwhile.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A real `nats-server -js` on free loopback ports with a temporary store, stopped by PID.
