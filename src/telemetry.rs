@@ -131,7 +131,7 @@ pub fn init(cfg: &LogConfig, node_id: &str, runtime: Option<&tokio::runtime::Han
     let json = JsonLine::default();
     let fmt = log_layer(cfg.json.then(|| json.clone()), filter, std::io::stderr);
     // Spans exist only to be exported: without a provider no layer wants them, and a
-    // span costs a disabled callsite's check (a quarter of a publish's CPU otherwise).
+    // span costs a disabled callsite's check (half of a publication's CPU otherwise).
     // With one, they are made whatever the log level. No busy/idle time and no thread
     // attributes: they cost a clock read on every poll of an instrumented future and
     // tell an SRE nothing the span's duration does not.
