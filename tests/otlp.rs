@@ -108,6 +108,25 @@ async fn spans_of(sink_port: u16, trace_id: &str) -> Vec<Value> {
     }
 }
 
+/// `{"n": n}` published on chat.room.traced through a node's API, with the caller's
+/// span `CALLER_SPAN` of trace `trace_id` as `traceparent`; the reply.
+async fn publish_traced(port: u16, trace_id: &str, n: u64) -> Value {
+    let traceparent = format!("00-{trace_id}-{CALLER_SPAN}-01");
+    let (status, reply) = http(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "POST",
+        "/api/v1/publish",
+        &[
+            ("authorization", &format!("apikey {API_KEY}")),
+            ("traceparent", &traceparent),
+        ],
+        Some(&json!({"channel": "chat.room.traced", "data": {"n": n}}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
 fn instance(span: &Value) -> &str {
     span["resource"]["service.instance.id"]["stringValue"]
         .as_str()
@@ -210,19 +229,7 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
     let mut subscriber = connect_as(b_addr, "watcher", &["chat.>=sub"]).await;
     subscriber.subscribe("chat.room.traced").await;
     let a_addr = format!("127.0.0.1:{a_port}").parse().unwrap();
-    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
-    let (status, reply) = http(
-        a_addr,
-        "POST",
-        "/api/v1/publish",
-        &[
-            ("authorization", &format!("apikey {API_KEY}")),
-            ("traceparent", &traceparent),
-        ],
-        Some(&json!({"channel": "chat.room.traced", "data": {"n": 1}}).to_string()),
-    )
-    .await;
-    assert_eq!(status, 200, "{reply}");
+    let reply = publish_traced(a_port, TRACE_ID, 1).await;
     let msg = subscriber.recv_type("msg").await;
     assert_eq!(msg["seq"], reply["seq"]);
     // A client's publish frame carries its own traceparent.
@@ -308,19 +315,7 @@ async fn a_publication_is_one_trace_across_nodes_through_a_real_collector() {
     // Node C makes no spans (no OTEL variables) but forwards the caller's context:
     // B's delivery continues the caller's trace, as the child of the caller's span.
     let (_c, c_port) = node(&nats, "node-c", &[]).await;
-    let quiet_parent = format!("00-{QUIET_TRACE_ID}-{CALLER_SPAN}-01");
-    let (status, reply) = http(
-        format!("127.0.0.1:{c_port}").parse().unwrap(),
-        "POST",
-        "/api/v1/publish",
-        &[
-            ("authorization", &format!("apikey {API_KEY}")),
-            ("traceparent", &quiet_parent),
-        ],
-        Some(&json!({"channel": "chat.room.traced", "data": {"n": 3}}).to_string()),
-    )
-    .await;
-    assert_eq!(status, 200, "{reply}");
+    publish_traced(c_port, QUIET_TRACE_ID, 3).await;
     assert_eq!(subscriber.recv_type("msg").await["data"]["n"], 2);
     assert_eq!(subscriber.recv_type("msg").await["data"]["n"], 3);
     let quiet = eventually(WAIT, "B's delivery of C's publication", || async move {
