@@ -11,7 +11,6 @@ use hyper::header::{
     SEC_WEBSOCKET_VERSION,
 };
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 
 use super::{error, Body};
 use crate::auth::AuthError;
@@ -225,14 +224,11 @@ fn accept(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     if let Some(p) = creds.protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         parts.headers.insert(SEC_WEBSOCKET_PROTOCOL, p);
     }
-    tokio::spawn(async move {
-        match fut.await {
-            Ok(ws) => {
-                let io: TokioIo<hyper::upgrade::Upgraded> = ws.into_inner();
-                crate::session::serve(node, io, identity, device, slot).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
+    let handshake = Box::new(crate::session::Handshake {
+        identity,
+        device,
+        slot,
     });
+    tokio::spawn(crate::session::serve(node, fut, handshake));
     Response::from_parts(parts, Full::default())
 }
