@@ -358,6 +358,71 @@ async fn recreated_stream_is_a_new_epoch() {
     assert_eq!(r["replayed"], 0, "the new stream is empty");
 }
 
+/// A stream deleted under a running node: its publishes are refused (NATS has no
+/// responder for the subject), and stored again once the stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_to_a_deleted_stream_are_refused_until_it_is_back() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "c", &[]).await;
+    c.publish("open.gone", json!(1)).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    js.delete_stream("SY_OPEN").await.unwrap();
+
+    let (r, _) = c
+        .request(json!({"type": "publish", "channel": "open.gone", "data": 2}))
+        .await;
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!(113)),
+        "{r}"
+    );
+    assert!(r["reason"].as_str().unwrap().contains("no stream"), "{r}");
+
+    // Another node starting provisions the stream afresh; the same connection goes on.
+    let _b = start(cluster_config(&nats, "b")).await;
+    assert_eq!(c.publish("open.gone", json!(3)).await, 1);
+}
+
+/// JetStream's own refusal (here: a message over the stream's size limit) reaches
+/// the client with JetStream's reason; the connection's next publish is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_refusals_reach_the_client_with_the_reason() {
+    let nats = NatsServer::start();
+    let a = start(cluster_config(&nats, "a")).await;
+    let mut c = connect_as(a.addr, "c", &[]).await;
+    let first = c.publish("open.sized", json!(1)).await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let mut config = js
+        .get_stream("SY_OPEN")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_message_size = 512;
+    js.update_stream(config).await.unwrap();
+
+    let big = "x".repeat(1_000);
+    let (r, _) = c
+        .request(json!({"type": "publish", "channel": "open.sized", "data": big}))
+        .await;
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!(113)),
+        "{r}"
+    );
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("message size exceeds maximum allowed"),
+        "{r}"
+    );
+    assert!(reason.contains("err_code 10054"), "{r}");
+    assert_eq!(c.publish("open.sized", json!(2)).await, first + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_false_checks_and_names_the_missing_stream() {
     let nats = NatsServer::start();

@@ -7,6 +7,8 @@
 //! missing publications are fetched from the stream before anything later is
 //! delivered, so a node's hub always sees a channel complete and in order.
 
+mod acks;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -86,6 +88,7 @@ struct Live {
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
+    acks: acks::Acks,
     reconnects: watch::Sender<u64>,
     cfg: NatsConfig,
     namespaces: HashMap<String, NamespaceStream>,
@@ -232,6 +235,9 @@ impl NatsBroker {
             .await
             .map_err(|e| ConfigError(format!("`nats.url`: cannot connect to {}: {e}", cfg.url)))?;
         let js = jetstream::new(client.clone());
+        let acks = acks::Acks::start(&client)
+            .await
+            .map_err(|e| ConfigError(format!("`nats.url`: cannot subscribe to acks: {e}")))?;
         let namespaces = config
             .namespaces
             .iter()
@@ -270,6 +276,7 @@ impl NatsBroker {
         let broker = Arc::new(NatsBroker {
             client,
             js,
+            acks,
             reconnects,
             cfg,
             namespaces,
@@ -365,16 +372,18 @@ impl NatsBroker {
         let span = tracing::info_span!("jetstream.publish", subject = %subject, stream_seq = tracing::field::Empty);
         let started = std::time::Instant::now();
         let timeout = self.cfg.request_timeout;
-        let ack = tracing::Instrument::instrument(
-            tokio::time::timeout(
-                timeout,
-                self.js.publish_with_headers(subject, headers, payload),
-            ),
-            span.clone(),
-        )
-        .await
-        .map_err(|_| unavailable("publish", "not sent within nats.request_timeout"))?
-        .map_err(|e| unavailable("publish", e))?;
+        let sent = async {
+            let (reply, waiting) = self.acks.wait_turn().await;
+            self.client
+                .publish_with_reply_and_headers(subject, reply, headers, payload)
+                .await
+                .map(|()| waiting)
+        };
+        let waiting =
+            tracing::Instrument::instrument(tokio::time::timeout(timeout, sent), span.clone())
+                .await
+                .map_err(|_| unavailable("publish", "not sent within nats.request_timeout"))?
+                .map_err(|e| unavailable("publish", e))?;
         let latency = crate::metrics::get()
             .publishing(req.channel.namespace())
             .jetstream_publish
@@ -383,18 +392,22 @@ impl NatsBroker {
         let left = timeout.saturating_sub(started.elapsed());
         Ok(Box::pin(tracing::Instrument::instrument(
             async move {
-                let ack = tokio::time::timeout(left, ack)
+                let answer = tokio::time::timeout(left, waiting.answer())
                     .await
                     .map_err(|_| {
                         unavailable("publish", "no acknowledgement within nats.request_timeout")
-                    })?
-                    .map_err(|e| unavailable("publish", e))?;
-                tracing::Span::current().record("stream_seq", crate::telemetry::int(ack.sequence));
+                    })?;
+                let (seq, duplicate) = match answer {
+                    Some(acks::Answer::Stored { seq, duplicate }) => (seq, duplicate),
+                    Some(acks::Answer::NoStream) => {
+                        return Err(unavailable("publish", "no stream found for the subject"))
+                    }
+                    Some(acks::Answer::Refused(why)) => return Err(unavailable("publish", why)),
+                    None => return Err(unavailable("publish", "disconnected before the ack")),
+                };
+                tracing::Span::current().record("stream_seq", crate::telemetry::int(seq));
                 latency.record(crate::metrics::since(started));
-                Ok(Published {
-                    seq: ack.sequence,
-                    duplicate: ack.duplicate,
-                })
+                Ok(Published { seq, duplicate })
             },
             span,
         )))
