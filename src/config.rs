@@ -631,6 +631,27 @@ impl Config {
         if n.user.is_some() != n.password.is_some() {
             return err("nats.user", "user and password go together");
         }
+        // The node skips async-nats's per-publish subject check: every subject it
+        // builds is these prefixes, a validated channel and node-made tokens.
+        for (key, prefix) in [
+            ("nats.subject_prefix", &n.subject_prefix),
+            ("nats.live_prefix", &n.live_prefix),
+        ] {
+            if !prefix.split('.').all(crate::channel::is_valid_token) {
+                return err(key, "must be dot-separated tokens of A-Z a-z 0-9 _ -");
+            }
+        }
+        let overlap = |a: &str, b: &str| a == b || b.starts_with(&format!("{a}."));
+        if overlap(&n.subject_prefix, &n.live_prefix) || overlap(&n.live_prefix, &n.subject_prefix)
+        {
+            return err(
+                "nats.live_prefix",
+                "must not equal or extend nats.subject_prefix (the stream would store its own republished copies)",
+            );
+        }
+        if !crate::channel::is_valid_token(&n.stream_prefix) {
+            return err("nats.stream_prefix", "must be A-Z a-z 0-9 _ - only");
+        }
         if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
             return err(
                 "nats.tls_cert_file",
@@ -876,6 +897,33 @@ mod tests {
         assert_eq!(c.nats.servers().unwrap().len(), 2);
         c.nats.url = " , ".into();
         assert!(c.validate().unwrap_err().0.contains("nats.url"));
+    }
+
+    #[test]
+    fn nats_prefixes_are_subject_tokens_that_do_not_overlap() {
+        let shipped = Config::load(Some(Path::new(SHIPPED))).unwrap();
+        for (subject, live, stream, key) in [
+            ("sy pub", "live", "SY_", Some("nats.subject_prefix")),
+            ("sy", "live.*", "SY_", Some("nats.live_prefix")),
+            ("sy", "", "SY_", Some("nats.live_prefix")),
+            ("sy", "sy", "SY_", Some("nats.live_prefix")),
+            ("sy", "sy.live", "SY_", Some("nats.live_prefix")),
+            ("sy.live", "sy", "SY_", Some("nats.live_prefix")),
+            ("sy", "live", "SY.", Some("nats.stream_prefix")),
+            ("org.sy", "org.live", "ORG_SY_", None),
+        ] {
+            let mut c = shipped.clone();
+            c.nats.subject_prefix = subject.into();
+            c.nats.live_prefix = live.into();
+            c.nats.stream_prefix = stream.into();
+            match (c.validate(), key) {
+                (Ok(()), None) => {}
+                (Err(e), Some(key)) => {
+                    assert!(e.0.contains(key), "{subject} {live} {stream}: {e:?}")
+                }
+                (got, _) => panic!("{subject} {live} {stream}: {got:?}"),
+            }
+        }
     }
 
     #[test]
