@@ -581,9 +581,11 @@ impl NatsBroker {
         let mut next = after.saturating_add(1);
         let mut truncated = false;
         let mut remaining;
+        let mut first_read = None;
         loop {
             let batch = self.direct_batch(ns, &subject, next, page).await?;
             remaining = batch.remaining;
+            first_read = first_read.or(batch.messages.first().map(|(seq, _, _)| *seq));
             let Some(last) = batch.messages.last().map(|(seq, _, _)| *seq) else {
                 break;
             };
@@ -612,6 +614,10 @@ impl NatsBroker {
             }
             next = last.saturating_add(1);
         }
+        let mut covered = covered;
+        if let Some(after) = resume.filter(|&a| covered && gap_possible(a, first_read)) {
+            covered = !check_dropped(stream, &subject, after, self.cfg.request_timeout).await?;
+        }
         let last_read = publications.last().map_or(0, |p| p.seq);
         Ok(HistoryPage {
             publications,
@@ -631,11 +637,12 @@ impl NatsBroker {
         self.connected()?;
         let stream = ns.stream()?;
         let subject = self.subject(channel);
-        let (batch, lost) = tokio::join!(
-            self.direct_batch(ns, &subject, after.saturating_add(1), page),
-            check_dropped(stream, &subject, after, self.cfg.request_timeout),
-        );
-        let (batch, lost) = (batch?, lost?);
+        let batch = self
+            .direct_batch(ns, &subject, after.saturating_add(1), page)
+            .await?;
+        let first = batch.messages.first().map(|(seq, _, _)| *seq);
+        let lost = gap_possible(after, first)
+            && check_dropped(stream, &subject, after, self.cfg.request_timeout).await?;
         let publications = batch
             .messages
             .into_iter()
@@ -927,7 +934,15 @@ fn dropped_after(after: u64, oldest: Option<u64>, stream_first: u64) -> bool {
     }
 }
 
-/// Reads what [`dropped_after`] needs, beside a replay's page: a replay that
+/// Whether a page read from `after` on may have a gap retention made: unless it
+/// starts right after `after`, [`check_dropped`] decides, and only once the page is
+/// read — a check made before or beside the read can predate a drop the read then
+/// skipped (drops are final, so a check after the read is proof).
+fn gap_possible(after: u64, first: Option<u64>) -> bool {
+    first.is_none_or(|f| f > after.saturating_add(1))
+}
+
+/// Reads what [`dropped_after`] needs, after a replay's page: a replay that
 /// retention overtook must not go on with a gap.
 async fn check_dropped(
     stream: &stream::Stream,
@@ -1086,12 +1101,10 @@ impl ReplayReader for ConsumerReplay {
         Box::pin(async move {
             let (stream, subject, timeout) =
                 (self.stream.clone(), self.subject.clone(), self.timeout);
-            let (page, lost) = tokio::join!(
-                self.read(after, page),
-                check_dropped(&stream, &subject, after, timeout),
-            );
-            let mut page = page?;
-            page.lost = lost?;
+            let mut page = self.read(after, page).await?;
+            let first = page.publications.first().map(|p| p.seq);
+            page.lost = gap_possible(after, first)
+                && check_dropped(&stream, &subject, after, timeout).await?;
             Ok(page)
         })
     }
