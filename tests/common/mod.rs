@@ -718,9 +718,13 @@ impl NatsServer {
     /// Stops the server (SIGTERM) and waits for the process to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            // SIGCONT too: a test that failed while the server was paused must not
+            // wait forever for a stopped process to take its SIGTERM.
+            for sig in ["-TERM", "-CONT"] {
+                let _ = std::process::Command::new("kill")
+                    .args([sig, &child.id().to_string()])
+                    .status();
+            }
             let _ = child.wait();
         }
     }
