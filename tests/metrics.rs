@@ -524,6 +524,41 @@ async fn counters_and_the_latency_histogram_follow_traffic_across_nodes() {
     }
 }
 
+/// Acks JetStream never sends (it is frozen) are given up after
+/// `nats.request_timeout`, answered 113, and leave the count of acks waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_given_up_leave_the_count_of_acks_waiting() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let timeout = [("SWITCHYARD_NATS__REQUEST_TIMEOUT", "500ms".to_string())];
+    let (_gw, gw) = gateway(&nats, &redis, "acks", &timeout).await;
+    let mut c = connect_as(gw, "writer", CHAT_CAPS).await;
+    c.publish("chat.acks", json!("warm")).await;
+    let waiting = |s: Scrape| s.get("switchyard_jetstream_acks_waiting", &[]);
+    assert_eq!(waiting(scrape(gw).await), 0.0);
+
+    nats.pause();
+    for i in 0..10 {
+        c.send(json!({"type": "publish", "id": i, "channel": "chat.acks", "data": i}))
+            .await;
+    }
+    eventually(WAIT, "ten acks waiting", || async {
+        (waiting(scrape(gw).await) == 10.0).then_some(())
+    })
+    .await;
+    for i in 0..10 {
+        let r = c.recv_type("error").await;
+        assert_eq!((&r["id"], &r["code"]), (&json!(i), &json!(113)), "{r}");
+    }
+    assert_eq!(waiting(scrape(gw).await), 0.0, "given up, they left");
+
+    // The acks JetStream sends once it runs again find nobody waiting; the next
+    // publish is stored after them.
+    nats.resume();
+    c.publish("chat.acks", json!("after")).await;
+    assert_eq!(waiting(scrape(gw).await), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_slow_consumers_and_rate_limits_are_counted_by_code() {
     // In process: this test binary's registry is this node's alone (the other

@@ -295,6 +295,11 @@ pub trait Broker: Send + Sync {
     fn backbone(&self) -> BackboneState {
         BackboneState::default()
     }
+    /// Publications sent and still awaiting the backbone's ack (0 where publishing
+    /// is synchronous).
+    fn acks_waiting(&self) -> usize {
+        0
+    }
 }
 
 /// Continues one replay page by page (for a long catch-up): what

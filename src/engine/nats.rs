@@ -885,6 +885,10 @@ impl Broker for NatsBroker {
         }))
     }
 
+    fn acks_waiting(&self) -> usize {
+        self.acks.waiting()
+    }
+
     fn backbone(&self) -> BackboneState {
         let mut state = BackboneState::default();
         if self.connected().is_err() {

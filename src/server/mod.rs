@@ -151,6 +151,8 @@ fn metrics(node: &Node) -> Response<Body> {
         .set(max_frames as f64);
     m.gauge("switchyard_outbox_backlog_bytes", vec![])
         .set(bytes as f64);
+    m.gauge("switchyard_jetstream_acks_waiting", vec![])
+        .set(node.engine.broker.acks_waiting() as f64);
     if let Some(up) = node.engine.registry.store_up() {
         m.gauge("switchyard_redis_up", vec![])
             .set(f64::from(u8::from(up)));

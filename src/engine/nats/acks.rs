@@ -141,6 +141,13 @@ impl Acks {
     }
 }
 
+impl Acks {
+    /// Publications registered and not yet answered or given up.
+    pub fn waiting(&self) -> usize {
+        self.waiters.lock().len()
+    }
+}
+
 impl Drop for Acks {
     fn drop(&mut self) {
         self.listener.abort();
@@ -150,7 +157,10 @@ impl Drop for Acks {
 impl Waiting {
     /// JetStream's answer; `None` if the connection went before it came.
     pub async fn answer(mut self) -> Option<Answer> {
-        let m = self.answer.take()?.await.ok()?;
+        // Awaited in place: a wait cut short (the caller's timeout) still leaves
+        // through `drop`.
+        let m = self.answer.as_mut()?.await.ok()?;
+        self.answer = None;
         Some(parse(&m))
     }
 }
