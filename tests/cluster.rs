@@ -369,15 +369,8 @@ async fn publishes_to_a_deleted_stream_are_refused_until_it_is_back() {
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     js.delete_stream("SY_OPEN").await.unwrap();
 
-    let (r, _) = c
-        .request(json!({"type": "publish", "channel": "open.gone", "data": 2}))
-        .await;
-    assert_eq!(
-        (&r["type"], &r["code"]),
-        (&json!("error"), &json!(113)),
-        "{r}"
-    );
-    assert!(r["reason"].as_str().unwrap().contains("no stream"), "{r}");
+    let r = refused_113(&mut c, "open.gone", json!(2)).await;
+    assert!(r.contains("no stream"), "{r}");
 
     // Another node starting provisions the stream afresh; the same connection goes on.
     let _b = start(cluster_config(&nats, "b")).await;
@@ -406,20 +399,9 @@ async fn jetstream_refusals_reach_the_client_with_the_reason() {
     js.update_stream(config).await.unwrap();
 
     let big = "x".repeat(1_000);
-    let (r, _) = c
-        .request(json!({"type": "publish", "channel": "open.sized", "data": big}))
-        .await;
-    assert_eq!(
-        (&r["type"], &r["code"]),
-        (&json!("error"), &json!(113)),
-        "{r}"
-    );
-    let reason = r["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("message size exceeds maximum allowed"),
-        "{r}"
-    );
-    assert!(reason.contains("err_code 10054"), "{r}");
+    let r = refused_113(&mut c, "open.sized", json!(big)).await;
+    assert!(r.contains("message size exceeds maximum allowed"), "{r}");
+    assert!(r.contains("err_code 10054"), "{r}");
     assert_eq!(c.publish("open.sized", json!(2)).await, first + 1);
 }
 
@@ -543,15 +525,8 @@ async fn a_stream_that_cannot_be_provisioned_does_not_block_the_others() {
     let mut c = connect_as(gw.addr, "u", &[]).await;
     let seq = c.publish("open.fine", json!(1)).await;
     assert!(seq > 0);
-    let (r, _) = c
-        .request(json!({"type": "publish", "channel": "trim.x", "data": 1}))
-        .await;
-    assert_eq!(
-        (&r["type"], &r["code"]),
-        (&json!("error"), &json!(113)),
-        "{r}"
-    );
-    assert!(r["reason"].as_str().unwrap().contains("SY_TRIM"), "{r}");
+    let r = refused_113(&mut c, "trim.x", json!(1)).await;
+    assert!(r.contains("SY_TRIM"), "{r}");
 }
 
 /// `nats.url` names a cluster: several servers, in the comma form or as a list;
@@ -880,4 +855,17 @@ async fn connect_refusal(addr: std::net::SocketAddr) -> u16 {
         Ok(_) => 101,
         Err(r) => r.status,
     }
+}
+
+/// Publishes `data` to `channel` and returns the reason of the 113 it must get.
+async fn refused_113(c: &mut Client, channel: &str, data: serde_json::Value) -> String {
+    let (r, _) = c
+        .request(json!({"type": "publish", "channel": channel, "data": data}))
+        .await;
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!(113)),
+        "{r}"
+    );
+    r["reason"].as_str().unwrap_or_default().to_string()
 }
