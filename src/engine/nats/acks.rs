@@ -4,7 +4,7 @@
 //!
 //! async-nats's `jetstream::Context::publish` does the same with a fresh inbox string,
 //! a second timer and an untagged-enum parse that builds a serde error for every
-//! successful ack: ~5,000 instructions per publication more (docs/benchmarks.md,
+//! successful ack: ~6,000 instructions per publication more (docs/benchmarks.md,
 //! "Own publish acks").
 
 use std::borrow::Cow;
