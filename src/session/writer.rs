@@ -104,6 +104,8 @@ fn encode_frame(buf: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
     let mut head = [0u8; 10];
     let n = frame.fmt_head(&mut head);
+    // One allocation for head and payload: a lone frame would otherwise grow twice.
+    buf.reserve(n + payload.len());
     buf.extend_from_slice(&head[..n]);
     buf.extend_from_slice(payload);
 }
