@@ -195,6 +195,11 @@ pub async fn run(nats_bin: &str, token: &str) {
         kib_per(rss2 - rss1, 3 * channels_per_node),
         (rss2 - rss1) as f64 / (3 * channels_per_node) as f64 * 10_000.0
     );
+    println!(
+        "per connection with both:   nodes' RSS +{} KiB over connecting and subscribing: {:.0} bytes per connection (its own share of the groups included)",
+        rss2 - rss0,
+        kib_per(rss2 - rss0, conns)
+    );
     println!("Redis:                      {presence_keys} keys after the subscribes (presence and connection entries)");
     println!(
         "NATS subscriptions:         {subs0} -> {subs1} (+{} for {} channel-node pairs: {:.2} per channel a node holds, {:.0} per 10,000)",
