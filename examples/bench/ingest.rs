@@ -16,7 +16,7 @@ use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 
 use crate::latency::Latency;
 use crate::raw_ws::{self, RawWs};
-use crate::{micros, own_cpu_secs, wait_ready, Node};
+use crate::{own_cpu_secs, wait_ready, Node};
 
 /// Unanswered publishes per publisher (the gateway allows 256 per connection).
 const WINDOW: usize = 256;
@@ -175,7 +175,10 @@ async fn ceiling(procs: &[&Node], tcp: SocketAddr, n: u64, shape: Shape) -> Inge
                 Shape::Plain => js.publish(subject, payload).await,
                 Shape::Node => {
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Sy-Ts", itoa::Buffer::new().format(micros() / 1000));
+                    headers.insert(
+                        "Sy-Ts",
+                        itoa::Buffer::new().format(switchyard::clock::unix_ms()),
+                    );
                     headers.insert("Sy-From", "bench");
                     js.publish_with_headers(subject, headers, payload).await
                 }
