@@ -388,12 +388,14 @@ async fn latest_price_comes_first_is_served_by_the_api_and_survives_a_restart() 
     );
 }
 
-/// A tick published while NATS is down is retried with its `msg_id` and lands
-/// once NATS is back, exactly once (a 113 means "outcome unknown": retry the same way).
+/// Ticks submitted while NATS is down are retried with their `msg_id` and land
+/// once NATS is back, each once and in order (a 113 means "outcome unknown":
+/// retry the same way); a tick submitted again is deduplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tick_is_retried_with_its_msg_id_until_the_broker_is_back() {
+async fn ticks_are_retried_with_their_msg_id_in_order_until_the_broker_is_back() {
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
-    use switchyard::feed::{cache::MemoryPrices, Tick, TickSink};
+    use switchyard::feed::{cache::MemoryPrices, Dispatcher, LinkHealth, Tick, TickSink};
     let mut nats = NatsServer::start();
     let reader = start(cluster_config(&nats, "reader")).await;
     nats.stop();
@@ -403,41 +405,43 @@ async fn a_tick_is_retried_with_its_msg_id_until_the_broker_is_back() {
     )
     .await
     .unwrap();
-    let sink = TickSink::new(
+    let sink = Arc::new(TickSink::new(
         broker,
         Arc::new(MemoryPrices::default()),
         "feedtest",
         Duration::from_secs(20),
-    );
-    let tick = Tick {
-        symbol: "RETRY-USDT".into(),
+    ));
+    let link = Arc::new(LinkHealth::default());
+    let mut out = Dispatcher::new(sink, Arc::clone(&link), "test");
+    let tick = |symbol: &str, sequence: u64| Tick {
+        symbol: symbol.into(),
         price: "1.5".into(),
         size: "1".into(),
         best_bid: "1.4".into(),
         best_ask: "1.6".into(),
         time: now() * 1000,
-        sequence: "77".into(),
+        sequence: sequence.to_string(),
         source: "test".into(),
     };
-    let publishing = tokio::spawn(async move {
-        let outcome = sink.publish_retrying(&tick).await;
-        (outcome, sink, tick)
-    });
-    // Without the retry this fails at once: the broker is not connected.
+    for sequence in 1..=5 {
+        for symbol in ["RETRY-USDT", "AGAIN-USDT"] {
+            out.submit(tick(symbol, sequence)).await;
+        }
+    }
+    // Without the retry they fail at once: the broker is not connected.
+    assert_eq!(link.ticks.load(Ordering::Relaxed), 0);
     nats.restart();
-    let (outcome, sink, tick) = tokio::time::timeout(WAIT, publishing)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(outcome.is_ok(), "{outcome:?}");
-    // Once more with the same msg_id: deduplicated, not a second publication.
-    sink.publish_retrying(&tick).await.unwrap();
-    let (s, h) = api(
-        reader.addr,
-        "GET",
-        "/api/v1/history/feedtest.RETRY-USDT",
-        None,
-    )
-    .await;
-    assert_eq!((s, publication_seqs(&h).len()), (200, 1), "{h}");
+    let stored = |n: u64| {
+        let link = Arc::clone(&link);
+        move || {
+            let done = link.ticks.load(Ordering::Relaxed) >= n;
+            async move { done.then_some(()) }
+        }
+    };
+    eventually(WAIT, "ten ticks stored", stored(10)).await;
+    out.submit(tick("RETRY-USDT", 5)).await;
+    eventually(WAIT, "the repeat acknowledged", stored(11)).await;
+    for symbol in ["RETRY-USDT", "AGAIN-USDT"] {
+        assert_eq!(published(reader.addr, symbol).await, [1, 2, 3, 4, 5]);
+    }
 }

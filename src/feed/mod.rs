@@ -18,13 +18,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
 use crate::clock::unix_ms;
 use crate::config::FeedConfig;
-use crate::engine::{Broker, EngineError, PublishRequest};
+use crate::engine::{BoxFuture, Broker, EngineError, PublishRequest, Published};
 use crate::shutdown::Shutdown;
 use cache::PriceCache;
 
@@ -175,114 +178,144 @@ impl TickSink {
         }
     }
 
-    /// Publishes one tick (a repeat of the same `msg_id` is not published twice)
-    /// and records it as the symbol's latest price.
-    pub async fn publish(&self, tick: &Tick) -> Result<(), EngineError> {
-        let channel = Channel::parse(&format!("{}.{}", self.namespace, tick.symbol))
-            .map_err(|e| EngineError::Rejected(format!("symbol {:?}: {e}", tick.symbol)))?;
-        let data = serde_json::value::to_raw_value(tick)
-            .map_err(|e| EngineError::Rejected(format!("tick: {e}")))?;
+    /// Sends one tick and returns the future of its outcome without waiting for it:
+    /// ticks sent by successive calls are stored in call order. Records the tick as
+    /// the symbol's latest price. Every attempt counts in the metrics: a retried 113
+    /// is a failure, then a publication.
+    async fn send(&self, tick: &Tick) -> BoxFuture<'static, Result<Published, EngineError>> {
+        let channel = match Channel::parse(&format!("{}.{}", self.namespace, tick.symbol)) {
+            Ok(c) => c,
+            Err(e) => return rejected(format!("symbol {:?}: {e}", tick.symbol)),
+        };
+        let data = match serde_json::value::to_raw_value(tick) {
+            Ok(d) => d,
+            Err(e) => return rejected(format!("tick: {e}")),
+        };
         self.prices.put(tick);
-        let published = self
-            .broker
-            .publish(PublishRequest {
+        let span = tracing::info_span!("feed.tick", symbol = %tick.symbol, source = %tick.source);
+        let sent = tracing::Instrument::instrument(
+            self.broker.publish_ordered(PublishRequest {
                 channel,
                 data,
                 from: None,
                 msg_id: Some(tick.msg_id()),
                 caller_trace: None,
-            })
-            .await;
-        // Every attempt counts: a retried 113 is a failure, then a publication.
-        self.metrics
-            .outcome(crate::metrics::Source::Feed, &published);
-        published.map(drop)
+            }),
+            span.clone(),
+        )
+        .await;
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let outcome = match sent {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                };
+                metrics.outcome(crate::metrics::Source::Feed, &outcome);
+                outcome
+            },
+            span,
+        ))
     }
 }
 
-impl TickSink {
-    /// Publishes a tick, retrying a retryable failure (113: the outcome is unknown,
-    /// the tick may even be stored) with the same `msg_id`, so a retry is never a
-    /// second publication, and before any later tick of the symbol, so order holds.
-    /// Gives up after `retry_for`: a price that old is of no use.
-    pub async fn publish_retrying(&self, tick: &Tick) -> Result<(), EngineError> {
-        let span = tracing::info_span!("feed.tick", symbol = %tick.symbol, source = %tick.source);
-        tracing::Instrument::instrument(self.publish_until_done(tick), span).await
-    }
-
-    async fn publish_until_done(&self, tick: &Tick) -> Result<(), EngineError> {
-        let deadline = tokio::time::Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.publish(tick).await {
-                Err(EngineError::Unavailable(_))
-                    if tokio::time::Instant::now() + backoff < deadline =>
-                {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                done => return done,
-            }
-        }
-    }
+fn rejected(why: String) -> BoxFuture<'static, Result<Published, EngineError>> {
+    Box::pin(std::future::ready(Err(EngineError::Rejected(why))))
 }
 
-/// Ticks waiting per symbol before a connector waits for the broker.
-const PER_SYMBOL_QUEUE: usize = 256;
+/// Ticks a connector may have sent and not yet seen acknowledged.
+const IN_FLIGHT: usize = 1024;
 
-/// Publishes each symbol's ticks in order and different symbols in parallel: a
-/// tick waits only for the acks of earlier ticks of its own symbol, so a cluster
-/// broker's round trip does not cap the feed at one tick per round trip.
+/// Ticks waiting to be sent before a connector waits for the broker.
+const QUEUE: usize = 1024;
+
+/// Publishes a connector's ticks in the order it read them, up to [`IN_FLIGHT`] at
+/// a time, so a cluster broker's round trip does not cap the feed at one tick (or
+/// one per symbol) per round trip (docs/feed.md, "Publishing").
 pub struct Dispatcher {
-    sink: Arc<TickSink>,
-    link: Arc<LinkHealth>,
-    source: String,
-    workers: HashMap<String, tokio::sync::mpsc::Sender<Tick>>,
+    ticks: tokio::sync::mpsc::Sender<Tick>,
 }
 
 impl Dispatcher {
-    /// A dispatcher counting published ticks in `link`.
+    /// A dispatcher counting published ticks in `link`; its task ends when it is dropped.
     pub fn new(sink: Arc<TickSink>, link: Arc<LinkHealth>, source: &str) -> Self {
-        Dispatcher {
-            sink,
-            link,
-            source: source.to_string(),
-            workers: HashMap::new(),
-        }
+        let (ticks, rx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(publish_in_order(sink, link, source.to_string(), rx));
+        Dispatcher { ticks }
     }
 
-    /// Queues a tick; waits only while its symbol's queue is full (bounded memory).
+    /// Queues a tick; waits only while the queue is full (bounded memory).
     pub async fn submit(&mut self, tick: Tick) {
-        let tx = self.workers.entry(tick.symbol.clone()).or_insert_with(|| {
-            let (tx, rx) = tokio::sync::mpsc::channel(PER_SYMBOL_QUEUE);
-            tokio::spawn(publish_in_order(
-                Arc::clone(&self.sink),
-                Arc::clone(&self.link),
-                self.source.clone(),
-                rx,
-            ));
-            tx
-        });
-        let _ = tx.send(tick).await;
+        let _ = self.ticks.send(tick).await;
     }
 }
 
+/// A tick sent, when it was first sent, and its outcome.
+type Settled = (Tick, Instant, Result<Published, EngineError>);
+
+/// The publishing loop. A tick that fails retryably (113: unavailable, the outcome
+/// unknown) is sent again with the same `msg_id` once every tick sent before the
+/// failure has settled and before any new tick, so the stream keeps each symbol's
+/// ticks in exchange order; it is dropped instead when a later tick of its symbol
+/// was stored meanwhile (that tick supersedes it) or after `retry_for`.
 async fn publish_in_order(
     sink: Arc<TickSink>,
     link: Arc<LinkHealth>,
     source: String,
     mut ticks: tokio::sync::mpsc::Receiver<Tick>,
 ) {
-    while let Some(t) = ticks.recv().await {
-        match sink.publish_retrying(&t).await {
-            Ok(()) => {
-                link.ticks.fetch_add(1, Ordering::Relaxed);
-                link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+    let mut in_flight: FuturesOrdered<BoxFuture<'static, Settled>> = FuturesOrdered::new();
+    let mut failed: Vec<(Tick, Instant)> = Vec::new();
+    let mut backoff = RETRY_FIRST;
+    let mut open = true;
+    loop {
+        if in_flight.is_empty() && !failed.is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_LAST);
+            for (tick, first) in std::mem::take(&mut failed) {
+                in_flight.push_back(send(&sink, tick, first).await);
             }
-            // A replica covers it (the same msg_id), or the next tick supersedes it.
-            Err(e) => tracing::warn!(%source, symbol = %t.symbol, error = %e, "tick not published"),
+            continue;
+        }
+        if in_flight.is_empty() && !open {
+            return;
+        }
+        tokio::select! {
+            biased;
+            Some((tick, first, outcome)) = in_flight.next() => match outcome {
+                Ok(_) => {
+                    link.ticks.fetch_add(1, Ordering::Relaxed);
+                    link.last_tick_ms.store(unix_ms(), Ordering::Relaxed);
+                    if failed.is_empty() {
+                        backoff = RETRY_FIRST;
+                    } else {
+                        // Sent after every failed tick: it supersedes those of its symbol.
+                        failed.retain(|(t, _)| t.symbol != tick.symbol);
+                    }
+                }
+                Err(EngineError::Unavailable(_))
+                    if Instant::now() + backoff < first + sink.retry_for =>
+                {
+                    failed.push((tick, first));
+                }
+                // A replica covers it (the same msg_id), or the next tick supersedes it.
+                Err(e) => tracing::warn!(%source, symbol = %tick.symbol, error = %e, "tick not published"),
+            },
+            t = ticks.recv(), if open && failed.is_empty() && in_flight.len() < IN_FLIGHT => match t {
+                Some(t) => in_flight.push_back(send(&sink, t, Instant::now()).await),
+                None => open = false,
+            },
         }
     }
+}
+
+/// First and longest wait before ticks that failed are sent again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_LAST: Duration = Duration::from_secs(1);
+
+async fn send(sink: &TickSink, tick: Tick, first: Instant) -> BoxFuture<'static, Settled> {
+    let outcome = sink.send(&tick).await;
+    Box::pin(async move { (tick, first, outcome.await) })
 }
 
 /// Starts the enabled connectors and the stale-feed watch; they stop with `shutdown`.
@@ -333,6 +366,245 @@ async fn watch_staleness(health: Arc<Health>, stale_after: Duration, shutdown: S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{HistoryFrom, HistoryPage, PageLimit, ReplayPage};
+
+    /// What the scripted broker answers to one attempt: `(symbol, sequence, attempt)`.
+    type Script = Box<dyn Fn(&str, &str, usize) -> Result<(), EngineError> + Send + Sync>;
+
+    /// A broker whose acks wait for `gate` and whose outcomes follow a script: it
+    /// tests the dispatcher's ordering and retries, not any backbone's behaviour.
+    struct Scripted {
+        sent: Mutex<Vec<(String, String)>>,
+        sent_one: tokio::sync::Notify,
+        gate: tokio::sync::watch::Receiver<bool>,
+        script: Script,
+    }
+
+    impl Broker for Scripted {
+        fn publish(&self, _: PublishRequest) -> BoxFuture<'_, Result<Published, EngineError>> {
+            unreachable!("the dispatcher sends through publish_ordered")
+        }
+        fn publish_ordered(
+            &self,
+            req: PublishRequest,
+        ) -> BoxFuture<'_, Result<crate::engine::AckFuture, EngineError>> {
+            let tick: Tick = serde_json::from_str(req.data.get()).unwrap();
+            let attempt = {
+                let mut sent = self.sent.lock();
+                sent.push((tick.symbol.clone(), tick.sequence.clone()));
+                sent.iter()
+                    .filter(|(s, q)| *s == tick.symbol && *q == tick.sequence)
+                    .count()
+            };
+            self.sent_one.notify_one();
+            let outcome = (self.script)(&tick.symbol, &tick.sequence, attempt);
+            let mut gate = self.gate.clone();
+            Box::pin(async move {
+                let ack: crate::engine::AckFuture = Box::pin(async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    outcome.map(|()| Published {
+                        seq: 1,
+                        duplicate: false,
+                    })
+                });
+                Ok(ack)
+            })
+        }
+        fn history<'a>(
+            &'a self,
+            _: &'a Channel,
+            _: HistoryFrom,
+            _: usize,
+            _: PageLimit,
+        ) -> BoxFuture<'a, Result<HistoryPage, EngineError>> {
+            unreachable!()
+        }
+        fn history_after<'a>(
+            &'a self,
+            _: &'a Channel,
+            _: u64,
+            _: PageLimit,
+        ) -> BoxFuture<'a, Result<ReplayPage, EngineError>> {
+            unreachable!()
+        }
+        fn watch<'a>(&'a self, _: &'a Channel) -> BoxFuture<'a, Result<(), EngineError>> {
+            unreachable!()
+        }
+        fn unwatch(&self, _: &Channel) {}
+    }
+
+    struct Rig {
+        broker: Arc<Scripted>,
+        open: tokio::sync::watch::Sender<bool>,
+        link: Arc<LinkHealth>,
+        out: Dispatcher,
+    }
+
+    fn rig(retry_for: Duration, script: Script) -> Rig {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let broker = Arc::new(Scripted {
+            sent: Mutex::new(Vec::new()),
+            sent_one: tokio::sync::Notify::new(),
+            gate,
+            script,
+        });
+        let sink = Arc::new(TickSink::new(
+            Arc::clone(&broker) as Arc<dyn Broker>,
+            Arc::new(cache::MemoryPrices::default()),
+            "prices",
+            retry_for,
+        ));
+        let link = Arc::new(LinkHealth::default());
+        let out = Dispatcher::new(sink, Arc::clone(&link), "test");
+        Rig {
+            broker,
+            open,
+            link,
+            out,
+        }
+    }
+
+    fn tick(symbol: &str, sequence: u32) -> Tick {
+        Tick {
+            symbol: symbol.into(),
+            price: "1.5".into(),
+            size: "1".into(),
+            best_bid: "1.4".into(),
+            best_ask: "1.6".into(),
+            time: 1,
+            sequence: sequence.to_string(),
+            source: "test".into(),
+        }
+    }
+
+    impl Rig {
+        async fn sent(&self, n: usize) -> Vec<(String, String)> {
+            loop {
+                let notified = self.broker.sent_one.notified();
+                let sent = self.broker.sent.lock().clone();
+                if sent.len() >= n {
+                    return sent;
+                }
+                notified.await;
+            }
+        }
+
+        async fn published(&self, n: u64) {
+            while self.link.ticks.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn pairs(list: &[(&str, u32)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(s, q)| (s.to_string(), q.to_string()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_are_sent_without_waiting_for_earlier_acks_in_the_order_read() {
+        let mut r = rig(Duration::from_secs(5), Box::new(|_, _, _| Ok(())));
+        for i in 1..=100 {
+            r.out.submit(tick("A", i)).await;
+            r.out.submit(tick("B", i)).await;
+        }
+        // All 200 are sent while no ack has come back.
+        let sent = r.sent(200).await;
+        let expected: Vec<(String, String)> = (1..=100)
+            .flat_map(|i| pairs(&[("A", i), ("B", i)]))
+            .collect();
+        assert_eq!(sent, expected);
+        assert_eq!(r.link.ticks.load(Ordering::Relaxed), 0);
+        r.open.send_replace(true);
+        r.published(200).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_tick_is_sent_again_before_any_later_tick_of_its_symbol() {
+        let mut r = rig(
+            Duration::from_secs(5),
+            Box::new(|s, q, attempt| match (s, q, attempt) {
+                ("A", "2", 1) => Err(EngineError::Unavailable("down".into())),
+                _ => Ok(()),
+            }),
+        );
+        for t in [("A", 1), ("A", 2), ("B", 1)] {
+            r.out.submit(tick(t.0, t.1)).await;
+        }
+        r.sent(3).await;
+        r.open.send_replace(true);
+        // Queued after the failure: it waits until A:2 is stored.
+        r.out.submit(tick("A", 3)).await;
+        r.published(4).await;
+        let sent = r.sent(5).await;
+        assert_eq!(
+            sent,
+            pairs(&[("A", 1), ("A", 2), ("B", 1), ("A", 2), ("A", 3)])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_tick_superseded_by_a_later_one_of_its_symbol_is_not_sent_again() {
+        let mut r = rig(
+            Duration::from_secs(5),
+            Box::new(|s, q, attempt| match (s, q, attempt) {
+                ("A", "2", 1) | ("B", "1", 1) => Err(EngineError::Unavailable("down".into())),
+                _ => Ok(()),
+            }),
+        );
+        for t in [("A", 1), ("A", 2), ("B", 1), ("A", 3)] {
+            r.out.submit(tick(t.0, t.1)).await;
+        }
+        r.sent(4).await;
+        r.open.send_replace(true);
+        // A:3 was stored after A:2 failed: only B:1 is sent again.
+        r.published(3).await;
+        r.out.submit(tick("B", 2)).await;
+        r.published(4).await;
+        assert_eq!(
+            r.sent(6).await,
+            pairs(&[("A", 1), ("A", 2), ("B", 1), ("A", 3), ("B", 1), ("B", 2)])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tick_still_failing_after_retry_for_is_dropped_and_the_feed_goes_on() {
+        let mut r = rig(
+            Duration::from_secs(2),
+            Box::new(|s, _, _| match s {
+                "A" => Err(EngineError::Unavailable("down".into())),
+                _ => Ok(()),
+            }),
+        );
+        r.open.send_replace(true);
+        let started = Instant::now();
+        r.out.submit(tick("A", 1)).await;
+        r.out.submit(tick("B", 1)).await;
+        r.published(1).await;
+        let sent = r.broker.sent.lock().clone();
+        let attempts = sent.iter().filter(|(s, _)| s == "A").count();
+        // 50, 100, 200, 400, 800 ms of backoff fit in 2 s; the next would not.
+        assert_eq!(attempts, 6, "{sent:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(sent.last(), Some(&("B".to_string(), "1".to_string())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_tick_is_not_sent_again() {
+        let mut r = rig(
+            Duration::from_secs(5),
+            Box::new(|s, _, _| match s {
+                "A" => Err(EngineError::Rejected("no".into())),
+                _ => Ok(()),
+            }),
+        );
+        r.open.send_replace(true);
+        r.out.submit(tick("A", 1)).await;
+        r.out.submit(tick("B", 1)).await;
+        r.published(1).await;
+        assert_eq!(r.sent(2).await, pairs(&[("A", 1), ("B", 1)]));
+    }
 
     #[test]
     fn ready_only_while_every_link_is_up_and_fresh() {
