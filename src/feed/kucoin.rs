@@ -5,6 +5,7 @@
 //! `pong` within `pingTimeout` as a dead link. Any failure reconnects with a fresh
 //! token after an exponential backoff with jitter.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -43,13 +45,18 @@ struct InstanceServer {
 }
 
 /// A frame from the exchange.
+/// A frame from the exchange, borrowing from its text: a ticker's `data` is read
+/// once, straight into [`Ticker`], with no JSON tree in between.
 #[derive(Deserialize)]
-struct Inbound {
-    #[serde(rename = "type")]
-    kind: String,
-    id: Option<serde_json::Value>,
-    topic: Option<String>,
-    data: Option<serde_json::Value>,
+struct Inbound<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -268,7 +275,7 @@ async fn session(
                 continue;
             }
         };
-        match frame.kind.as_str() {
+        match &*frame.kind {
             "pong" => pong_due = None,
             "message" => match ticker(cfg, &frame) {
                 Ok(tick) => {
@@ -307,8 +314,8 @@ fn ticker(cfg: &KucoinConfig, frame: &Inbound) -> Result<Tick, String> {
     if !crate::channel::is_valid_token(symbol) {
         return Err(format!("unexpected symbol {symbol:?}"));
     }
-    let data = frame.data.clone().ok_or("message without data")?;
-    let t: Ticker = serde_json::from_value(data).map_err(|e| format!("ticker: {e}"))?;
+    let data = frame.data.ok_or("message without data")?;
+    let t: Ticker = serde_json::from_str(data.get()).map_err(|e| format!("ticker: {e}"))?;
     let decimal = |s: &str| {
         !s.is_empty()
             && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
