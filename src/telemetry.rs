@@ -172,7 +172,13 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     use tracing_subscriber::filter::FilterExt;
-    let events = filter.and(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
+    // A `filter_fn` has no level hint, and `and` with one that has none has none: the
+    // process's max level would then be TRACE, and every `log` record of a library
+    // (tungstenite logs each frame it parses) would be built and offered to the
+    // subscriber. With the filter's own hint the `log` macros stop at the call site.
+    let hint = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let events = filter
+        .and(tracing_subscriber::filter::filter_fn(|m| m.is_event()).with_max_level_hint(hint));
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     match json {
         Some(json) => fmt.event_format(json).with_filter(events).boxed(),
@@ -313,6 +319,20 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn the_log_layer_tells_the_level_it_keeps_so_lower_records_stop_at_the_call_site() {
+        use tracing_subscriber::filter::LevelFilter;
+        use tracing_subscriber::Layer;
+        for (level, hint) in [("warn", LevelFilter::WARN), ("info", LevelFilter::INFO)] {
+            let layer = super::log_layer::<tracing_subscriber::Registry, _>(
+                None,
+                tracing_subscriber::EnvFilter::new(level),
+                std::io::sink,
+            );
+            assert_eq!(layer.max_level_hint(), Some(hint), "{level}");
         }
     }
 
