@@ -168,7 +168,7 @@ bench-feed: build
 	cargo build -q --release --example feed-bench
 	taskset -c 1 target/release/examples/feed-bench
 
-## The same through `switchyard feed` and JetStream.
+## The same through `switchyard feed`, JetStream and a node (nats-server, feed and node on one core).
 bench-feed-nats: build $(NATS_SERVER)
 	cargo build -q --release --example feed-bench
 	BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/feed-bench

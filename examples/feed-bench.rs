@@ -8,10 +8,15 @@
 //! `switchyard_feed_ticks_total`), ticks the client received, and the node's CPU.
 //!
 //! BENCH_TARGET=nats measures `switchyard feed` instead: the connector as its own
-//! process publishing through JetStream (nats-server from NATS_SERVER), both on CPU 0.
+//! process publishing through JetStream (nats-server from NATS_SERVER) to a node
+//! (NATS engine) that delivers to the client; nats-server, feed and node share
+//! CPU 0. It reports each one's CPU per tick, whether CPU 0 was saturated, and this
+//! process's own CPU (the simulator and the client), flagged when it is the limit.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -61,6 +66,41 @@ async fn published(addr: SocketAddr) -> u64 {
         .unwrap_or(0)
 }
 
+/// A client (on this process's CPU) subscribed to every price channel through the
+/// node at `addr`; counts the publications it receives.
+async fn subscriber(addr: SocketAddr, symbols: &[String]) -> Arc<AtomicU64> {
+    let token = {
+        let cfg =
+            switchyard::config::Config::load(Some(std::path::Path::new(CONFIG))).expect("config");
+        switchyard::auth::mint(&cfg, "bench", Duration::from_secs(3600), vec![]).expect("token")
+    };
+    let ws = loop {
+        let url = format!("ws://{addr}/ws?token={token}");
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await {
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (mut tx, mut rx) = ws.split();
+    for s in symbols {
+        let f = format!(r#"{{"type":"subscribe","channel":"prices.{s}"}}"#);
+        tx.send(Message::text(f)).await.expect("subscribe");
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&received);
+    tokio::spawn(async move {
+        let _tx = tx;
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Text(t) = m {
+                if t.starts_with(r#"{"type":"msg""#) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    received
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = env("BENCH_SYMBOLS", 20);
@@ -81,7 +121,7 @@ async fn main() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let list = format!("[{}]", symbols.join(","));
     if std::env::var("BENCH_TARGET").as_deref() == Ok("nats") {
-        return nats(&sim, &list, n, rate, secs).await;
+        return nats(&sim, &symbols, &list, rate, secs).await;
     }
     let node = Kill(
         Command::new("taskset")
@@ -98,43 +138,16 @@ async fn main() {
             .expect("the release binary (make build)"),
     );
     let pid = node.0.id();
-    let token = {
-        let cfg =
-            switchyard::config::Config::load(Some(std::path::Path::new(CONFIG))).expect("config");
-        switchyard::auth::mint(&cfg, "bench", Duration::from_secs(3600), vec![]).expect("token")
-    };
-    let ws = loop {
-        let url = format!("ws://{addr}/ws?token={token}");
-        if let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await {
-            break ws;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (mut tx, mut rx) = ws.split();
-    for s in &symbols {
-        let f = format!(r#"{{"type":"subscribe","channel":"prices.{s}"}}"#);
-        tx.send(Message::text(f)).await.expect("subscribe");
-    }
+    let received = subscriber(addr, &symbols).await;
     // Warm up: the link is up and ticking.
     while published(addr).await == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = std::sync::Arc::clone(&received);
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = rx.next().await {
-            if let Message::Text(t) = m {
-                if t.starts_with(r#"{"type":"msg""#) {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-    });
     let sent = || sim.sent_on(0).len() as u64;
     let (sent0, pub0, recv0, cpu0) = (
         sent(),
         published(addr).await,
-        received.load(std::sync::atomic::Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
         cpu_secs(pid),
     );
     let t0 = Instant::now();
@@ -143,7 +156,7 @@ async fn main() {
     let (sent1, pub1, recv1, cpu1) = (
         sent(),
         published(addr).await,
-        received.load(std::sync::atomic::Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
         cpu_secs(pid),
     );
     println!("feed bench: {n} symbols x {rate}/s for {wall:.1} s; node on CPU 0 (memory engine, connector embedded)");
@@ -170,8 +183,9 @@ async fn main() {
     );
 }
 
-/// `switchyard feed` publishing through JetStream.
-async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
+/// `switchyard feed` publishing through JetStream, and a node delivering to one
+/// client: nats-server, the feed and the node share CPU 0.
+async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -179,7 +193,7 @@ async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
             .expect("free port")
             .port()
     };
-    let (nats_port, health_port) = (free(), free());
+    let (nats_port, health_port, node_port) = (free(), free(), free());
     let conf = dir.path().join("nats.conf");
     std::fs::write(
         &conf,
@@ -190,7 +204,7 @@ async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
     )
     .expect("nats config");
     let bin = std::env::var("NATS_SERVER").unwrap_or_else(|_| ".venv/bin/nats-server".into());
-    let _nats = Kill(
+    let nats_server = Kill(
         Command::new("taskset")
             .args(["-c", "0", &bin, "-c"])
             .arg(&conf)
@@ -198,16 +212,29 @@ async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
             .spawn()
             .expect("nats-server (make bench-feed-nats installs it)"),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    while std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node_addr = SocketAddr::from(([127, 0, 0, 1], node_port));
+    let node = Kill(
+        Command::new("taskset")
+            .args(["-c", "0", BIN, "-c", CONFIG, "serve"])
+            .env("SWITCHYARD_SERVER__LISTEN", node_addr.to_string())
+            .env("SWITCHYARD_ENGINE__KIND", "nats")
+            .env("SWITCHYARD_NATS__URL", &nats_url)
+            .env("SWITCHYARD_FEED__EMBEDDED", "false")
+            .env("SWITCHYARD_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the release binary (make build)"),
+    );
     let health = SocketAddr::from(([127, 0, 0, 1], health_port));
     let feed = Kill(
         Command::new("taskset")
             .args(["-c", "0", BIN, "-c", CONFIG, "feed"])
             .env("SWITCHYARD_ENGINE__KIND", "nats")
-            .env(
-                "SWITCHYARD_NATS__URL",
-                format!("nats://127.0.0.1:{nats_port}"),
-            )
+            .env("SWITCHYARD_NATS__URL", &nats_url)
             .env("SWITCHYARD_FEED__LISTEN", health.to_string())
             .env("SWITCHYARD_FEED__SYNTHETIC__ENABLED", "false")
             .env("SWITCHYARD_FEED__KUCOIN__ENABLED", "true")
@@ -217,28 +244,70 @@ async fn nats(sim: &Simulator, list: &str, n: usize, rate: f64, secs: u64) {
             .spawn()
             .expect("the release binary (make build)"),
     );
-    let pid = feed.0.id();
-    while published(health).await == 0 {
+    let received = subscriber(node_addr, symbols).await;
+    while published(health).await == 0 || received.load(Ordering::Relaxed) == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let pids = [nats_server.0.id(), feed.0.id(), node.0.id()];
     let sent = || sim.sent_on(0).len() as u64;
-    let (sent0, pub0, cpu0) = (sent(), published(health).await, cpu_secs(pid));
+    let cpu = || pids.map(cpu_secs);
+    let (sent0, pub0, recv0, cpu0, own0) = (
+        sent(),
+        published(health).await,
+        received.load(Ordering::Relaxed),
+        cpu(),
+        cpu_secs(std::process::id()),
+    );
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let wall = t0.elapsed().as_secs_f64();
-    let (sent1, pub1, cpu1) = (sent(), published(health).await, cpu_secs(pid));
-    println!("feed bench (switchyard feed -> JetStream): {n} symbols x {rate}/s for {wall:.1} s; feed and nats-server on CPU 0");
+    let (sent1, pub1, recv1, cpu1, own1) = (
+        sent(),
+        published(health).await,
+        received.load(Ordering::Relaxed),
+        cpu(),
+        cpu_secs(std::process::id()),
+    );
+    let used: Vec<f64> = (0..3).map(|i| cpu1[i] - cpu0[i]).collect();
+    let server: f64 = used.iter().sum();
+    let ticks = (pub1 - pub0) as f64;
+    println!(
+        "feed bench (switchyard feed -> JetStream -> a node): {} symbols x {rate}/s for {wall:.1} s; nats-server, feed and node on CPU 0",
+        symbols.len()
+    );
     println!(
         "exchange sent:        {:>9.0} ticks/s",
         (sent1 - sent0) as f64 / wall
     );
+    println!("connector published:  {:>9.0} ticks/s", ticks / wall);
     println!(
-        "connector published:  {:>9.0} ticks/s",
-        (pub1 - pub0) as f64 / wall
+        "client received:      {:>9.0} ticks/s (the rest conflated: the node sends a client that falls behind the latest price)",
+        (recv1 - recv0) as f64 / wall
+    );
+    for (name, secs) in ["nats-server", "feed", "node"].iter().zip(&used) {
+        println!(
+            "{:<21} {secs:>9.2} s CPU ({:.1} µs per tick)",
+            format!("{name}:"),
+            secs * 1e6 / ticks.max(1.0)
+        );
+    }
+    println!(
+        "CPU 0:                {:>8.0} % busy ({server:.2} s in {wall:.1} s){}",
+        100.0 * server / wall,
+        if server / wall > 0.9 {
+            ": saturated"
+        } else {
+            ""
+        }
     );
     println!(
-        "feed CPU:             {:>9.2} s in {wall:.1} s",
-        cpu1 - cpu0
+        "generator (simulator + client, CPU 1): {:.0} %{}",
+        100.0 * (own1 - own0) / wall,
+        if (own1 - own0) / wall > 0.8 {
+            ": generator-bound, the figures are a lower bound"
+        } else {
+            ""
+        }
     );
     println!(
         "simulator connections: {} (1 = the link never dropped)",
