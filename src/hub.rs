@@ -26,6 +26,10 @@ enum Phase {
     /// seen is remembered so the switch to live waits for the replay to pass it.
     Replaying {
         live_max: u64,
+        /// A conflated subscription's newest live publication seen meanwhile: what
+        /// it switches to live with when the replay is behind (later publications
+        /// supersede the ones between, so it need not read them).
+        newest: Option<Arc<Publication>>,
     },
     Live,
     /// Unsubscribed: publications are ignored.
@@ -76,7 +80,10 @@ impl Subscription {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             conflation,
             state: Mutex::new(SubState {
-                phase: Phase::Replaying { live_max: 0 },
+                phase: Phase::Replaying {
+                    live_max: 0,
+                    newest: None,
+                },
                 last_seq: 0,
             }),
         })
@@ -87,8 +94,13 @@ impl Subscription {
     fn offer(&self, publication: &Arc<Publication>, stamp: Option<Stamp>) -> bool {
         let mut st = self.state.lock();
         match &mut st.phase {
-            Phase::Replaying { live_max } => {
-                *live_max = (*live_max).max(publication.seq);
+            Phase::Replaying { live_max, newest } => {
+                if publication.seq > *live_max {
+                    *live_max = publication.seq;
+                    if self.conflation.is_some() {
+                        *newest = Some(Arc::clone(publication));
+                    }
+                }
                 false
             }
             Phase::Cancelled => false,
@@ -156,9 +168,22 @@ impl Subscription {
     /// "The seam").
     pub fn try_go_live(&self) -> Progress {
         let mut st = self.state.lock();
-        match st.phase {
-            Phase::Replaying { live_max } if live_max > st.last_seq => {
-                Progress::Behind { after: st.last_seq }
+        let st = &mut *st;
+        match &mut st.phase {
+            Phase::Replaying { live_max, newest } if *live_max > st.last_seq => {
+                match (&self.conflation, newest.take()) {
+                    // Conflated: the newest live publication supersedes what the
+                    // replay has not read; queued in the channel's slot, it is the
+                    // switch to live (docs/feed.md, "Slow clients: conflation").
+                    (Some((slot, skipped)), Some(p)) => {
+                        skipped.fetch_add(p.seq - st.last_seq - 1, Ordering::Relaxed);
+                        st.last_seq = p.seq;
+                        st.phase = Phase::Live;
+                        self.outbox.push_conflated(*slot, &p.msg, None, skipped);
+                        Progress::Live
+                    }
+                    _ => Progress::Behind { after: st.last_seq },
+                }
             }
             Phase::Replaying { .. } => {
                 st.phase = Phase::Live;
@@ -167,6 +192,11 @@ impl Subscription {
             Phase::Live => Progress::Live,
             Phase::Cancelled => Progress::Cancelled,
         }
+    }
+
+    /// Whether a replay may skip publications (the newest supersedes them).
+    pub fn is_conflated(&self) -> bool {
+        self.conflation.is_some()
     }
 
     /// The highest seq queued to the client.
@@ -343,6 +373,27 @@ mod tests {
         let frames = drain(&outbox);
         assert!(frames[0].contains("subscribed"), "reply first");
         assert_eq!(seqs(&frames), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_conflated_seam_goes_live_with_the_newest_publication_live_saw() {
+        let ch = Channel::parse("p.s").unwrap();
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(100, 1 << 20, 16));
+        let skipped = Arc::new(AtomicU64::new(0));
+        let sub = Subscription::new(ch.clone(), Arc::clone(&outbox), Some(Arc::clone(&skipped)));
+        hub.add(Arc::clone(&sub));
+        // The snapshot (5) was read; 6, 7 and 8 went by live meanwhile.
+        for seq in 6..=8 {
+            hub.publication(&publication(&ch, seq));
+        }
+        assert!(sub.begin(bytes::Bytes::from_static(b"{}"), &[publication(&ch, 5)], 0));
+        // No second read: 8 supersedes 6 and 7.
+        assert_eq!(sub.try_go_live(), Progress::Live);
+        hub.publication(&publication(&ch, 8)); // a late duplicate
+        hub.publication(&publication(&ch, 9));
+        assert_eq!(seqs(&drain(&outbox)), vec![5, 8, 9]);
+        assert_eq!(skipped.load(Ordering::Relaxed), 2);
     }
 
     #[test]

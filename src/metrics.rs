@@ -186,7 +186,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("switchyard_replay_publications", "Publications replayed per subscribe (its count is the number of subscribes), by namespace."),
     ("switchyard_replays_unrecovered_total", "Subscribes answered recovered: false (the client's position was older than the retained history), by namespace."),
     ("switchyard_gap_repairs_total", "Live gaps on this node repaired from the stream, by namespace."),
-    ("switchyard_conflated_total", "Publications replaced unsent by a newer one on a conflated channel."),
+    ("switchyard_conflated_total", "Publications replaced unsent by a newer one on a conflated channel, or skipped by a subscriber joining it."),
     ("switchyard_rate_limited_total", "Inbound frames refused by a connection's rate limit (error 110)."),
     ("switchyard_outbox_backlog_max_frames", "The largest number of frames queued for one connection, at scrape time."),
     ("switchyard_outbox_backlog_bytes", "Bytes queued for all connections, at scrape time."),

@@ -143,3 +143,44 @@ async fn stalled_client_on_conflated_channel_gets_latest_and_stays() {
         "{metrics}"
     );
 }
+
+/// A client joining a fast conflated channel whose history keeps one publication
+/// (a price) switches to live with the newest one instead of being closed 4008:
+/// live moved on while its snapshot was read, and what went by is superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_fast_conflated_channel_goes_live_with_the_newest_not_4008() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let nats = NatsServer::start();
+    let mut c = cluster_config(&nats, "n1");
+    c.namespaces.get_mut("ticks").unwrap().default_snapshot = 1;
+    let gw = start(c).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for i in 0..4 {
+        let mut p = connect_as(gw.addr, &format!("publisher{i}"), &[]).await;
+        let stop = Arc::clone(&stop);
+        publishers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                p.publish("ticks.FAST-USDT", json!({"p": i, "n": n})).await;
+                n += 1;
+            }
+        }));
+    }
+    for i in 0..30 {
+        let mut c = connect_as(gw.addr, &format!("joiner{i}"), &[]).await;
+        c.subscribe("ticks.FAST-USDT").await;
+        // The snapshot, then live ticks in order; a close would fail `recv_type`.
+        let mut last = 0;
+        for _ in 0..3 {
+            let seq = c.recv_type("msg").await["seq"].as_u64().unwrap();
+            assert!(seq > last, "in order: {seq} after {last}");
+            last = seq;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+}

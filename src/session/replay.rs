@@ -63,7 +63,8 @@ pub async fn catch_up(
             None => broker.history_after(&sub.channel, after, limit).await,
         };
         match read {
-            Ok(page) if page.lost => {
+            // Conflated: what was dropped is superseded by what follows; read on.
+            Ok(page) if page.lost && !sub.is_conflated() => {
                 let why = "slow consumer: the replay fell behind the channel's retained history";
                 outbox.close(close::SLOW_CONSUMER, why, true);
                 return;
