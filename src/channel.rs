@@ -59,7 +59,14 @@ impl Channel {
 
     /// The first token, which selects the namespace options.
     pub fn namespace(&self) -> &str {
-        self.0.split('.').next().unwrap_or_default()
+        // A valid name has a dot; `split` here cost ~100 instructions a call, and a
+        // publication asks four times.
+        let end = self
+            .0
+            .bytes()
+            .position(|b| b == b'.')
+            .unwrap_or(self.0.len());
+        &self.0[..end]
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use async_nats::header::{HeaderName, NATS_LAST_SEQUENCE, NATS_MESSAGE_ID, NATS_SEQUENCE};
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -30,10 +31,14 @@ use crate::channel::Channel;
 use crate::clock::unix_ms;
 use crate::config::{Config, ConfigError, NatsConfig, StreamStorage};
 
+// Header names as values: a `&str` name is validated and copied into a fresh
+// allocation on every insert and every lookup.
 /// Header with the publishing node's clock (Unix ms): the publication's `ts`.
-const TS_HEADER: &str = "Sy-Ts";
+const TS_HEADER: HeaderName = HeaderName::from_static("Sy-Ts");
 /// Header with the publishing user.
-const FROM_HEADER: &str = "Sy-From";
+const FROM_HEADER: HeaderName = HeaderName::from_static("Sy-From");
+/// Header of a direct get's batch with what is stored after it.
+const NUM_PENDING_HEADER: HeaderName = HeaderName::from_static("Nats-Num-Pending");
 
 /// A namespace's stream: looked up (or provisioned) in the background, so a node
 /// starts whatever the state of NATS, and one stream that cannot be had does not
@@ -46,6 +51,8 @@ struct NamespaceStream {
     stream: OnceLock<Arc<stream::Stream>>,
     /// Why the stream is not available yet; `None` once it is.
     problem: Mutex<Option<String>>,
+    /// The JetStream round trip of a publication, looked up once.
+    publish_latency: metrics::Histogram,
 }
 
 impl NamespaceStream {
@@ -147,7 +154,7 @@ fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Public
     span.record("recipients", crate::telemetry::int(recipients));
 }
 
-fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
+fn header_u64(h: &HeaderMap, name: HeaderName) -> Option<u64> {
     h.get(name)?.as_str().parse().ok()
 }
 
@@ -272,6 +279,10 @@ impl NatsBroker {
                     config,
                     stream: OnceLock::new(),
                     problem: Mutex::new(Some("not looked up yet".into())),
+                    publish_latency: crate::metrics::get()
+                        .publishing(name)
+                        .jetstream_publish
+                        .clone(),
                 };
                 (name.clone(), slot)
             })
@@ -347,12 +358,13 @@ impl NatsBroker {
     /// the order they were made while their acks are awaited together.
     async fn send(&self, req: PublishRequest) -> Result<AckFuture, EngineError> {
         self.connected()?;
-        self.namespace(&req.channel)?.stream()?;
+        let ns = self.namespace(&req.channel)?;
+        ns.stream()?;
         let mut headers = HeaderMap::new();
         if let Some(id) = &req.msg_id {
             // JetStream dedupes per stream (a namespace): scope the key to the channel.
             // A channel name has no `/`, so the first one separates the two.
-            headers.insert("Nats-Msg-Id", format!("{}/{id}", req.channel).as_str());
+            headers.insert(NATS_MESSAGE_ID, format!("{}/{id}", req.channel));
         }
         headers.insert(TS_HEADER, itoa::Buffer::new().format(unix_ms()));
         if let Some(from) = &req.from {
@@ -393,10 +405,7 @@ impl NatsBroker {
                 .await
                 .map_err(|_| unavailable("publish", "not sent within nats.request_timeout"))?
                 .map_err(|e| unavailable("publish", e))?;
-        let latency = crate::metrics::get()
-            .publishing(req.channel.namespace())
-            .jetstream_publish
-            .clone();
+        let latency = ns.publish_latency.clone();
         // The rest of `timeout` bounds the ack, as one round trip did before.
         let left = timeout.saturating_sub(started.elapsed());
         Ok(Box::pin(tracing::Instrument::instrument(
@@ -466,17 +475,17 @@ impl NatsBroker {
                 match m.status.map(|s| s.as_u16()) {
                     None => {
                         let headers = m.headers.as_ref();
-                        let seq = headers.and_then(|h| header_u64(h, "Nats-Sequence"));
+                        let seq = headers.and_then(|h| header_u64(h, NATS_SEQUENCE));
                         let Some(seq) = seq else { continue };
                         batch.remaining = headers
-                            .and_then(|h| header_u64(h, "Nats-Num-Pending"))
+                            .and_then(|h| header_u64(h, NUM_PENDING_HEADER))
                             .unwrap_or(0);
                         batch.messages.push((seq, batch.remaining, m));
                     }
                     // End of batch: what is left after it.
                     Some(204) => {
                         if let Some(h) = m.headers.as_ref() {
-                            batch.remaining = header_u64(h, "Nats-Num-Pending").unwrap_or(0);
+                            batch.remaining = header_u64(h, NUM_PENDING_HEADER).unwrap_or(0);
                         }
                         return Ok(batch);
                     }
@@ -749,8 +758,8 @@ async fn run_live(mut t: LiveTask) {
             continue;
         };
         let (Some(seq), Some(prev)) = (
-            header_u64(headers, "Nats-Sequence"),
-            header_u64(headers, "Nats-Last-Sequence"),
+            header_u64(headers, NATS_SEQUENCE),
+            header_u64(headers, NATS_LAST_SEQUENCE),
         ) else {
             continue;
         };
