@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,16 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Set once the figures are printed: the node going away after that is the bench's doing.
+static DONE: AtomicBool = AtomicBool::new(false);
+
+/// Why the client's connection ended, unless the bench is over.
+fn ended(why: String) {
+    if !DONE.load(Ordering::Relaxed) {
+        eprintln!("{why}");
+    }
 }
 
 struct Kill(Child);
@@ -67,7 +77,8 @@ async fn published(addr: SocketAddr) -> u64 {
 }
 
 /// A client (on this process's CPU) subscribed to every price channel through the
-/// node at `addr`; counts the publications it receives.
+/// node at `addr`; counts the publications it receives, and says why its connection
+/// ended if that happens before the bench stops the node.
 async fn subscriber(addr: SocketAddr, symbols: &[String]) -> Arc<AtomicU64> {
     let token = {
         let cfg =
@@ -98,16 +109,16 @@ async fn subscriber(addr: SocketAddr, symbols: &[String]) -> Arc<AtomicU64> {
                     }
                 }
                 Some(Ok(Message::Close(why))) => {
-                    eprintln!("the client was closed by the node: {why:?}");
+                    ended(format!("the client was closed by the node: {why:?}"));
                     return;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    eprintln!("the client's connection failed: {e}");
+                    ended(format!("the client's connection failed: {e}"));
                     return;
                 }
                 None => {
-                    eprintln!("the client's connection ended");
+                    ended("the client's connection ended".into());
                     return;
                 }
             }
@@ -199,6 +210,7 @@ async fn main() {
         "simulator connections: {} (1 = the link never dropped)",
         sim.connections()
     );
+    DONE.store(true, Ordering::Relaxed);
 }
 
 /// This process's CPU (the simulator and the client, on CPU 1), flagged when it is the limit.
@@ -336,4 +348,5 @@ async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: 
         "simulator connections: {} (1 = the link never dropped)",
         sim.connections()
     );
+    DONE.store(true, Ordering::Relaxed);
 }
