@@ -40,14 +40,20 @@ pub trait PriceCache: Send + Sync {
 
 /// Keeps `tick` in `map` if it is newer than what is there.
 fn keep_newest(map: &mut HashMap<String, CachedTick>, tick: &Tick, received_at: u64) -> bool {
-    match map.get(&tick.symbol) {
+    match map.get_mut(&tick.symbol) {
         Some(cur)
             if cur.tick.source == tick.source
                 && !seq_greater(&tick.sequence, &cur.tick.sequence) =>
         {
             false
         }
-        _ => {
+        // In place: a symbol's entry keeps its strings' allocations from tick to tick.
+        Some(cur) => {
+            cur.tick.assign(tick);
+            cur.received_at = received_at;
+            true
+        }
+        None => {
             map.insert(
                 tick.symbol.clone(),
                 CachedTick {
@@ -307,5 +313,43 @@ impl PriceCache for RedisPrices {
             }
             Ok(sorted(&self.local.lock()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(source: &str, sequence: &str, price: &str) -> Tick {
+        Tick {
+            symbol: "BTC-USDT".into(),
+            price: price.into(),
+            size: format!("size-{price}"),
+            best_bid: format!("bid-{price}"),
+            best_ask: format!("ask-{price}"),
+            time: price.len() as u64,
+            sequence: sequence.into(),
+            source: source.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_keeps_the_newest_tick_whole_and_an_older_one_never_overwrites_it() {
+        let prices = MemoryPrices::default();
+        let latest = || async { prices.get("BTC-USDT").await.unwrap().unwrap().tick };
+        prices.put(&tick("a", "5", "1.5"));
+        let newer = tick("a", "10", "20.25");
+        prices.put(&newer);
+        assert_eq!(latest().await, newer, "every field replaced");
+        prices.put(&tick("a", "9", "9.9"));
+        assert_eq!(
+            latest().await,
+            newer,
+            "a lower sequence from the same source"
+        );
+        // Another source's sequences are not comparable: its tick is the newest seen.
+        let other = tick("b", "1", "3");
+        prices.put(&other);
+        assert_eq!(latest().await, other);
     }
 }

@@ -279,13 +279,14 @@ async fn session(
             "pong" => pong_due = None,
             "message" => match ticker(cfg, &frame) {
                 Ok(tick) => {
-                    let newer = last
-                        .get(&tick.symbol)
-                        .is_none_or(|prev| seq_greater(&tick.sequence, prev));
-                    if !newer {
-                        continue;
+                    // In place: a symbol's entry keeps its allocation from tick to tick.
+                    match last.get_mut(&tick.symbol) {
+                        Some(prev) if !seq_greater(&tick.sequence, prev) => continue,
+                        Some(prev) => prev.clone_from(&tick.sequence),
+                        None => {
+                            last.insert(tick.symbol.clone(), tick.sequence.clone());
+                        }
                     }
-                    last.insert(tick.symbol.clone(), tick.sequence.clone());
                     out.submit(tick).await;
                 }
                 Err(why) => malformed(cfg, link, &why),

@@ -50,7 +50,27 @@ pub struct Tick {
 impl Tick {
     /// The idempotency key: the same tick from two replicas is one publication.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}:{}", self.source, self.symbol, self.sequence)
+        // Sized once: `format!` grows it piece by piece, on every tick.
+        let mut id =
+            String::with_capacity(self.source.len() + self.symbol.len() + self.sequence.len() + 2);
+        id.push_str(&self.source);
+        id.push(':');
+        id.push_str(&self.symbol);
+        id.push(':');
+        id.push_str(&self.sequence);
+        id
+    }
+
+    /// Makes `self` a copy of `other`, reusing its strings' allocations.
+    pub fn assign(&mut self, other: &Tick) {
+        self.symbol.clone_from(&other.symbol);
+        self.price.clone_from(&other.price);
+        self.size.clone_from(&other.size);
+        self.best_bid.clone_from(&other.best_bid);
+        self.best_ask.clone_from(&other.best_ask);
+        self.time = other.time;
+        self.sequence.clone_from(&other.sequence);
+        self.source.clone_from(&other.source);
     }
 }
 
@@ -157,6 +177,8 @@ pub struct TickSink {
     /// How long a tick is retried while the broker is unavailable (`feed.stale_after`).
     retry_for: Duration,
     metrics: Arc<crate::metrics::Publishing>,
+    /// Each symbol's channel, validated once.
+    channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl TickSink {
@@ -174,6 +196,7 @@ impl TickSink {
             namespace: namespace.to_string(),
             retry_for,
             metrics: crate::metrics::get().publishing(namespace),
+            channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,7 +205,7 @@ impl TickSink {
     /// the symbol's latest price. Every attempt counts in the metrics: a retried 113
     /// is a failure, then a publication.
     async fn send(&self, tick: &Tick) -> BoxFuture<'static, Result<Published, EngineError>> {
-        let channel = match Channel::parse(&format!("{}.{}", self.namespace, tick.symbol)) {
+        let channel = match self.channel(&tick.symbol) {
             Ok(c) => c,
             Err(e) => return rejected(format!("symbol {:?}: {e}", tick.symbol)),
         };
@@ -216,7 +239,25 @@ impl TickSink {
             span,
         ))
     }
+
+    /// `<namespace>.<symbol>`, parsed on a symbol's first tick. Connectors tick a
+    /// configured list of symbols; an exchange sending others is not cached past
+    /// [`CACHED_CHANNELS`].
+    fn channel(&self, symbol: &str) -> Result<Channel, crate::channel::InvalidChannel> {
+        if let Some(c) = self.channels.lock().get(symbol) {
+            return Ok(c.clone());
+        }
+        let channel = Channel::parse(&format!("{}.{symbol}", self.namespace))?;
+        let mut channels = self.channels.lock();
+        if channels.len() < CACHED_CHANNELS {
+            channels.insert(symbol.to_string(), channel.clone());
+        }
+        Ok(channel)
+    }
 }
+
+/// Most symbols whose channel a sink keeps parsed.
+const CACHED_CHANNELS: usize = 4096;
 
 fn rejected(why: String) -> BoxFuture<'static, Result<Published, EngineError>> {
     Box::pin(std::future::ready(Err(EngineError::Rejected(why))))
