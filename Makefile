@@ -3,7 +3,7 @@
 CONFIG ?= config/switchyard.toml
 BIN := target/release/switchyard
 
-.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-personal bench-instructions bench-cluster bench-redis bench-feed bench-feed-nats clean redis-server
+.PHONY: run run-cluster test test-js demo-bundle chromium api-contract helm-check image image-base image-smoke build fmt lint bench bench-nats bench-replay bench-ingest bench-personal bench-instructions bench-cluster bench-redis bench-feed bench-feed-nats bench-feed-instructions clean redis-server
 
 NATS_VERSION := 2.15.1
 NATS_SERVER := .venv/bin/nats-server
@@ -172,6 +172,11 @@ bench-feed: build
 bench-feed-nats: build $(NATS_SERVER)
 	cargo build -q --release --example feed-bench
 	BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/feed-bench
+
+## Instructions per tick in `switchyard feed` (callgrind; 20 symbols x 25 ticks/s: valgrind is ~50x slower).
+bench-feed-instructions: build $(NATS_SERVER)
+	cargo build -q --release --example feed-bench
+	BENCH_CALLGRIND=1 BENCH_RATE=25 BENCH_SECS=15 BENCH_TARGET=nats NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/feed-bench
 
 $(NATS_SERVER):
 	python3 -m venv .venv

@@ -12,6 +12,8 @@
 //! (NATS engine) that delivers to the client; nats-server, feed and node share
 //! CPU 0. It reports each one's CPU per tick, whether CPU 0 was saturated, and this
 //! process's own CPU (the simulator and the client), flagged when it is the limit.
+//! With BENCH_CALLGRIND=1 the feed runs under callgrind and the bench prints its
+//! instructions per tick over the window (`make bench-feed-instructions`).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -273,9 +275,20 @@ async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: 
             .expect("the release binary (make build)"),
     );
     let health = SocketAddr::from(([127, 0, 0, 1], health_port));
+    // BENCH_CALLGRIND=1: the feed under callgrind, its instructions counted over the
+    // measured window (instructions are repeatable on this VM where seconds are not).
+    let callgrind = std::env::var("BENCH_CALLGRIND").as_deref() == Ok("1");
+    let cg_out = dir.path().join("feed.cg");
+    let mut feed_cmd = Command::new("taskset");
+    feed_cmd.args(["-c", "0"]);
+    if callgrind {
+        feed_cmd
+            .args(["valgrind", "--tool=callgrind"])
+            .arg(format!("--callgrind-out-file={}", cg_out.display()));
+    }
     let feed = Kill(
-        Command::new("taskset")
-            .args(["-c", "0", BIN, "-c", CONFIG, "feed"])
+        feed_cmd
+            .args([BIN, "-c", CONFIG, "feed"])
             .env("SWITCHYARD_ENGINE__KIND", "nats")
             .env("SWITCHYARD_NATS__URL", &nats_url)
             .env("SWITCHYARD_FEED__LISTEN", health.to_string())
@@ -294,6 +307,16 @@ async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: 
     let pids = [nats_server.0.id(), feed.0.id(), node.0.id()];
     let sent = || sim.sent_on(0).len() as u64;
     let cpu = || pids.map(cpu_secs);
+    let dump = || {
+        if callgrind {
+            let _ = Command::new("callgrind_control")
+                .args(["-d", &feed.0.id().to_string()])
+                .stdout(Stdio::null())
+                .status();
+        }
+    };
+    // Zeroes the counters: the next dump holds the window only.
+    dump();
     let (sent0, pub0, recv0, cpu0, own0) = (
         sent(),
         published(health).await,
@@ -311,6 +334,7 @@ async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: 
         cpu(),
         cpu_secs(std::process::id()),
     );
+    dump();
     let used: Vec<f64> = (0..3).map(|i| cpu1[i] - cpu0[i]).collect();
     let server: f64 = used.iter().sum();
     let ticks = (pub1 - pub0) as f64;
@@ -344,6 +368,32 @@ async fn nats(sim: &Simulator, symbols: &[String], list: &str, rate: f64, secs: 
         }
     );
     generator(own1 - own0, wall);
+    if callgrind {
+        // The newest dump is the window's: `feed.cg.<n>`.
+        let window = std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("feed.cg."))
+            .max_by_key(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.rsplit('.').next().and_then(|n| n.parse::<u32>().ok())
+            });
+        let instructions: Option<u64> = window.and_then(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("summary: "))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        match instructions {
+            Some(n) => println!(
+                "feed instructions:    {n} for {} ticks (callgrind): {} per tick",
+                pub1 - pub0,
+                n / (pub1 - pub0).max(1)
+            ),
+            None => println!("feed instructions:    no callgrind dump found"),
+        }
+    }
     println!(
         "simulator connections: {} (1 = the link never dropped)",
         sim.connections()
