@@ -174,6 +174,13 @@ async fn emit(opts: SimulatorOptions, ticks: broadcast::Sender<SimTick>) {
     let mut cents: Vec<u64> = (0..opts.symbols.len() as u64)
         .map(|i| 100_000 + i * 7_000)
         .collect();
+    // Each symbol's topic as a JSON string, escaped once: symbols come from the
+    // command line too (`simulate-exchange`).
+    let topics: Vec<String> = opts
+        .symbols
+        .iter()
+        .map(|s| serde_json::Value::from(format!("/market/ticker:{s}")).to_string())
+        .collect();
     let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate.max(0.001)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
@@ -191,11 +198,11 @@ async fn emit(opts: SimulatorOptions, ticks: broadcast::Sender<SimTick>) {
             // at bench rates the simulator must cost far less than what it feeds.
             let frame = format!(
                 concat!(
-                    r#"{{"type":"message","topic":"/market/ticker:{symbol}","subject":"trade.ticker","#,
+                    r#"{{"type":"message","topic":{topic},"subject":"trade.ticker","#,
                     r#""data":{{"sequence":"{seq}","price":"{price}","size":"0.0100","bestAsk":"{ask}","#,
                     r#""bestAskSize":"1.5","bestBid":"{bid}","bestBidSize":"2.5","time":{time}}}}}"#
                 ),
-                symbol = symbol,
+                topic = topics[i],
                 seq = seq,
                 price = px(*c),
                 ask = px(*c + 1),
