@@ -364,7 +364,12 @@ impl NatsBroker {
         if let Some(id) = &req.msg_id {
             // JetStream dedupes per stream (a namespace): scope the key to the channel.
             // A channel name has no `/`, so the first one separates the two.
-            headers.insert(NATS_MESSAGE_ID, format!("{}/{id}", req.channel));
+            let channel = req.channel.as_str();
+            let mut key = String::with_capacity(channel.len() + 1 + id.len());
+            key.push_str(channel);
+            key.push('/');
+            key.push_str(id);
+            headers.insert(NATS_MESSAGE_ID, key);
         }
         headers.insert(TS_HEADER, itoa::Buffer::new().format(unix_ms()));
         if let Some(from) = &req.from {
@@ -387,12 +392,14 @@ impl NatsBroker {
                 });
             }
         }
-        let payload = Bytes::copy_from_slice(req.data.get().as_bytes());
+        // The request's buffer becomes the payload: no copy.
+        let payload = Bytes::from(Box::<[u8]>::from(Box::<str>::from(req.data)));
         let subject = self.subject(&req.channel);
         // Its duration is the JetStream round trip: the publish and the stream's ack.
         let span = tracing::info_span!("jetstream.publish", subject = %subject, stream_seq = tracing::field::Empty);
         let started = std::time::Instant::now();
-        let timeout = self.cfg.request_timeout;
+        // One deadline bounds the send and then the ack, as one round trip did before.
+        let deadline = tokio::time::Instant::from_std(started) + self.cfg.request_timeout;
         let sent = async {
             let (reply, waiting) = self.acks.wait_turn().await;
             self.client
@@ -401,16 +408,14 @@ impl NatsBroker {
                 .map(|()| waiting)
         };
         let waiting =
-            tracing::Instrument::instrument(tokio::time::timeout(timeout, sent), span.clone())
+            tracing::Instrument::instrument(tokio::time::timeout_at(deadline, sent), span.clone())
                 .await
                 .map_err(|_| unavailable("publish", "not sent within nats.request_timeout"))?
                 .map_err(|e| unavailable("publish", e))?;
         let latency = ns.publish_latency.clone();
-        // The rest of `timeout` bounds the ack, as one round trip did before.
-        let left = timeout.saturating_sub(started.elapsed());
         Ok(Box::pin(tracing::Instrument::instrument(
             async move {
-                let answer = tokio::time::timeout(left, waiting.answer())
+                let answer = tokio::time::timeout_at(deadline, waiting.answer())
                     .await
                     .map_err(|_| {
                         unavailable("publish", "no acknowledgement within nats.request_timeout")
