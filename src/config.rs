@@ -694,8 +694,17 @@ impl Config {
         }
         let f = &self.feed;
         if f.kucoin.enabled || f.synthetic.enabled {
-            if !self.namespaces.contains_key(&f.namespace) {
+            let Some(ns) = self.namespaces.get(&f.namespace) else {
                 return err("feed.namespace", "names no configured namespace");
+            };
+            // A tick is retried with its msg_id for up to stale_after, and the last
+            // retry may take request_timeout to arrive: a shorter window stores it twice.
+            if ns.dedupe_window.min(ns.history_ttl) < f.stale_after + self.nats.request_timeout {
+                return err(
+                    &format!("namespaces.{}.dedupe_window", f.namespace),
+                    "must be at least feed.stale_after + nats.request_timeout (and so must history_ttl): \
+                     the feed retries a tick with its msg_id that long",
+                );
             }
             let symbols = f.kucoin.symbols.iter().chain(&f.synthetic.symbols);
             if let Some(bad) = symbols.clone().find(|s| !crate::channel::is_valid_token(s)) {
@@ -949,6 +958,12 @@ mod tests {
         let e = with_file("[namespaces.z]\nmax_replay = 0").unwrap_err().0;
         assert!(e.contains("namespaces.z.max_replay"), "{e}");
         let shipped = Config::load(Some(Path::new(SHIPPED))).unwrap();
+        let mut c = shipped.clone();
+        if let Some(prices) = c.namespaces.get_mut("prices") {
+            prices.dedupe_window = c.feed.stale_after;
+        }
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("namespaces.prices.dedupe_window"), "{e}");
         let mut c = shipped.clone();
         c.redis.url = "http://localhost".into();
         let e = c.validate().unwrap_err().0;
