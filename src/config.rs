@@ -628,6 +628,10 @@ impl Config {
                 return err("nats.url", &why);
             }
         }
+        // Deadlines are `now + request_timeout`: bounded so that the sum cannot overflow.
+        if n.request_timeout.is_zero() || n.request_timeout > Duration::from_secs(3600) {
+            return err("nats.request_timeout", "must be in (0, 1h]");
+        }
         if n.user.is_some() != n.password.is_some() {
             return err("nats.user", "user and password go together");
         }
@@ -699,7 +703,9 @@ impl Config {
             };
             // A tick is retried with its msg_id for up to stale_after, and the last
             // retry may take request_timeout to arrive: a shorter window stores it twice.
-            if ns.dedupe_window.min(ns.history_ttl) < f.stale_after + self.nats.request_timeout {
+            if ns.dedupe_window.min(ns.history_ttl)
+                < f.stale_after.saturating_add(self.nats.request_timeout)
+            {
                 return err(
                     &format!("namespaces.{}.dedupe_window", f.namespace),
                     "must be at least feed.stale_after + nats.request_timeout (and so must history_ttl): \
@@ -964,6 +970,10 @@ mod tests {
         }
         let e = c.validate().unwrap_err().0;
         assert!(e.contains("namespaces.prices.dedupe_window"), "{e}");
+        let mut c = shipped.clone();
+        c.nats.request_timeout = Duration::from_secs(u64::MAX);
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("nats.request_timeout"), "{e}");
         let mut c = shipped.clone();
         c.redis.url = "http://localhost".into();
         let e = c.validate().unwrap_err().0;
