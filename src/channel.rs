@@ -70,6 +70,14 @@ impl Channel {
     }
 }
 
+// A channel hashes and compares as its name, so maps keyed by channel can be
+// looked up by a subject's `&str` without building a `Channel`.
+impl std::borrow::Borrow<str> for Channel {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -498,6 +498,23 @@ pub struct NamespaceConfig {
     pub stream_replicas: usize,
     /// NATS engine: where the namespace's stream is stored.
     pub stream_storage: StreamStorage,
+    /// NATS engine: how a node receives the namespace's live publications.
+    pub live_subscription: LiveSubscription,
+}
+
+/// How a node of the NATS engine subscribes to a namespace's live publications
+/// (docs/architecture.md, "Live delivery").
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveSubscription {
+    /// One NATS subscription per channel the node holds: a node receives only its
+    /// channels' publications, and each channel costs ~8 KB of memory on it.
+    #[default]
+    Channel,
+    /// One NATS subscription per namespace: every node receives every publication of
+    /// the namespace and keeps its channels' (~0.1 KB per channel); for many small
+    /// channels (personal inboxes) on a few nodes.
+    Namespace,
 }
 
 /// JetStream storage of a namespace's stream.
@@ -529,6 +546,7 @@ impl Default for NamespaceConfig {
             max_data_depth: 64,
             stream_replicas: 1,
             stream_storage: StreamStorage::File,
+            live_subscription: LiveSubscription::Channel,
         }
     }
 }

@@ -5,6 +5,17 @@ mod common;
 use common::scenarios::{limits_check, seam_check, snapshot_check};
 use common::*;
 use serde_json::json;
+use switchyard::config::{Config, LiveSubscription};
+
+/// A node whose `open` namespace is received through `live` (one NATS subscription
+/// per channel, or one per namespace).
+fn live_config(nats: &NatsServer, node: &str, live: LiveSubscription) -> Config {
+    let mut c = cluster_config(nats, node);
+    if let Some(open) = c.namespaces.get_mut("open") {
+        open.live_subscription = live;
+    }
+    c
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publication_on_one_node_reaches_the_others_in_order_with_its_seq() {
@@ -120,10 +131,20 @@ async fn replay_on_another_node_and_honest_recovery() {
 /// joining and reconnecting on random nodes at random positions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_across_nodes_has_no_gap_and_no_duplicate() {
+    seam_across_nodes(LiveSubscription::Channel).await;
+}
+
+/// The same with one live subscription per namespace on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seam_across_nodes_with_a_namespace_wide_subscription() {
+    seam_across_nodes(LiveSubscription::Namespace).await;
+}
+
+async fn seam_across_nodes(live: LiveSubscription) {
     let nats = NatsServer::start();
-    let a = start(cluster_config(&nats, "a")).await;
-    let b = start(cluster_config(&nats, "b")).await;
-    let c = start(cluster_config(&nats, "c")).await;
+    let a = start(live_config(&nats, "a", live)).await;
+    let b = start(live_config(&nats, "b", live)).await;
+    let c = start(live_config(&nats, "c", live)).await;
     seam_check(vec![a.addr, b.addr, c.addr], "open.seam").await;
 }
 
@@ -132,9 +153,20 @@ async fn seam_across_nodes_has_no_gap_and_no_duplicate() {
 /// with nothing lost and nothing repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_outage_fails_fast_then_resumes_without_loss() {
+    nats_outage(LiveSubscription::Channel).await;
+}
+
+/// The same with one live subscription per namespace: after the reconnection every
+/// channel the node holds reads what it missed from the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_with_a_namespace_wide_subscription() {
+    nats_outage(LiveSubscription::Namespace).await;
+}
+
+async fn nats_outage(live: LiveSubscription) {
     let mut nats = NatsServer::start();
-    let a = start(cluster_config(&nats, "a")).await;
-    let b = start(cluster_config(&nats, "b")).await;
+    let a = start(live_config(&nats, "a", live)).await;
+    let b = start(live_config(&nats, "b", live)).await;
     let mut sub = connect_as(b.addr, "reader", &[]).await;
     sub.subscribe("open.outage").await;
     let mut publisher = connect_as(a.addr, "writer", &[]).await;
@@ -199,12 +231,28 @@ async fn nats_outage_fails_fast_then_resumes_without_loss() {
 
 /// Live messages a node never received (here: stored while the stream's republish
 /// was switched off) are fetched from the stream when the next live message does
-/// not chain to the last one delivered, before that message is delivered.
+/// not chain to the last one delivered, before that message is delivered; a burst
+/// that arrives during the repair follows it, in order and once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_in_live_delivery_are_repaired_from_the_stream() {
+    live_gap_repair(LiveSubscription::Channel).await;
+}
+
+/// The same with one live subscription per namespace. The burst (800) outgrows what
+/// the node holds for a channel under repair (256), so its rest is read from the
+/// stream as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_are_repaired_with_a_namespace_wide_subscription() {
+    live_gap_repair(LiveSubscription::Namespace).await;
+}
+
+async fn live_gap_repair(live: LiveSubscription) {
+    // A repair of 3,000 publications (one direct get each) outlasts the burst.
+    const HIDDEN: usize = 3_000;
+    const BURST: usize = 800;
     let nats = NatsServer::start();
-    let a = start(cluster_config(&nats, "a")).await;
-    let b = start(cluster_config(&nats, "b")).await;
+    let a = start(live_config(&nats, "a", live)).await;
+    let b = start(live_config(&nats, "b", live)).await;
     let mut reader = connect_as(b.addr, "reader", &[]).await;
     reader.subscribe("open.gap").await;
     let mut writer = connect_as(a.addr, "writer", &[]).await;
@@ -212,36 +260,42 @@ async fn gaps_in_live_delivery_are_repaired_from_the_stream() {
     assert_eq!(reader.recv_type("msg").await["seq"], first);
 
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
-    let mut stream = js.get_stream("SY_OPEN").await.unwrap();
-    let mut cfg = stream.info().await.unwrap().config.clone();
-    let republish = cfg.republish.take();
-    js.update_stream(cfg.clone()).await.unwrap();
-    let mut hidden = Vec::new();
-    for i in 0..5 {
-        let ack = js
-            .publish("sy.open.gap", format!("{{\"hidden\":{i}}}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        hidden.push(ack.sequence);
+    // Publishes `n` pipelined: every one is sent before the first ack is awaited.
+    async fn publish_all(js: &async_nats::jetstream::Context, from: usize, n: usize) -> Vec<u64> {
+        let mut acks = Vec::new();
+        for i in from..from + n {
+            let payload = format!("{{\"i\":{i}}}");
+            acks.push(js.publish("sy.open.gap", payload.into()).await.unwrap());
+        }
+        let mut seqs = Vec::new();
+        for ack in acks {
+            seqs.push(ack.await.unwrap().sequence);
+        }
+        seqs
     }
-    cfg.republish = republish;
-    js.update_stream(cfg).await.unwrap();
-
-    let next = writer.publish("open.gap", json!("after")).await;
-    for (i, want) in hidden.iter().enumerate() {
+    // The reader reads while this runs: the repair delivers faster than an outbox holds.
+    let publishing = tokio::spawn(async move {
+        let mut stream = js.get_stream("SY_OPEN").await.unwrap();
+        let mut cfg = stream.info().await.unwrap().config.clone();
+        let republish = cfg.republish.take();
+        js.update_stream(cfg.clone()).await.unwrap();
+        let mut expected = publish_all(&js, 0, HIDDEN).await;
+        cfg.republish = republish;
+        js.update_stream(cfg).await.unwrap();
+        expected.extend(publish_all(&js, HIDDEN, BURST).await);
+        expected
+    });
+    let mut got = Vec::new();
+    while got.len() < HIDDEN + BURST {
         let m = reader.recv_type("msg").await;
-        assert_eq!(
-            (&m["seq"], &m["data"]["hidden"]),
-            (&json!(want), &json!(i)),
-            "repaired in order"
-        );
+        got.push((m["seq"].as_u64().unwrap(), m["data"]["i"].as_u64().unwrap()));
     }
-    assert_eq!(
-        reader.recv_type("msg").await["seq"],
-        next,
-        "then the live message"
+    let expected: Vec<(u64, u64)> = publishing.await.unwrap().into_iter().zip(0..).collect();
+    assert!(got == expected, "repaired, then the burst, in order");
+    let after = reader.ping().await;
+    assert!(
+        after.iter().all(|f| f["type"] != "msg"),
+        "nothing twice: {after:?}"
     );
 }
 
@@ -325,6 +379,71 @@ async fn nodes_hold_live_subscriptions_only_for_their_own_channels() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// With `live_subscription = "namespace"` a node holds one live subscription for
+/// the namespace however many of its channels it serves, delivers each of them in
+/// order, nothing of the channels it does not hold, and a channel released and
+/// taken again is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_wide_subscription_serves_every_channel_of_a_node() {
+    let nats = NatsServer::start();
+    let live = LiveSubscription::Namespace;
+    let a = start(live_config(&nats, "a", live)).await;
+    let b = start(live_config(&nats, "b", live)).await;
+    let mut on_b = connect_as(b.addr, "bob", &[]).await;
+    for i in 0..100 {
+        on_b.send(json!({"type": "subscribe", "channel": format!("open.p{i}"), "id": i}))
+            .await;
+    }
+    for _ in 0..100 {
+        on_b.recv_type("subscribed").await;
+    }
+    assert_eq!(
+        live_subscriptions(&nats, "b").await,
+        1,
+        "one for 100 channels"
+    );
+    assert_eq!(
+        live_subscriptions(&nats, "a").await,
+        0,
+        "none before a watch"
+    );
+
+    // Interleaved over three channels, plus one that node b does not hold.
+    let mut writer = connect_as(a.addr, "writer", &[]).await;
+    let mut want: Vec<Vec<u64>> = vec![Vec::new(); 3];
+    for k in 0..30 {
+        writer.publish("open.elsewhere", json!(k)).await;
+        want[k % 3].push(writer.publish(&format!("open.p{}", k % 3), json!(k)).await);
+    }
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); 3];
+    for _ in 0..30 {
+        let m = on_b.recv_type("msg").await;
+        let channel = m["channel"].as_str().unwrap();
+        let i: usize = channel.strip_prefix("open.p").unwrap().parse().unwrap();
+        got[i].push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        got, want,
+        "each channel in order, nothing of open.elsewhere"
+    );
+
+    // Released and taken again: delivered once, from the new subscription on.
+    on_b.call(
+        json!({"type": "unsubscribe", "channel": "open.p0"}),
+        "unsubscribed",
+    )
+    .await;
+    writer.publish("open.p0", json!("while away")).await;
+    on_b.subscribe("open.p0").await;
+    let seq = writer.publish("open.p0", json!("back")).await;
+    assert_eq!(on_b.recv_type("msg").await["seq"], seq);
+    let after = on_b.ping().await;
+    assert!(
+        after.iter().all(|f| f["type"] != "msg"),
+        "nothing twice: {after:?}"
+    );
 }
 
 /// A stream deleted and recreated under a running node is a new incarnation:

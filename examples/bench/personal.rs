@@ -27,6 +27,9 @@ pub async fn run(nats_bin: &str, token: &str) {
     let conns = crate::env_num("BENCH_CONNS", 10_000) as usize;
     let rate = crate::env_num("BENCH_RATE", 2_000);
     let secs = crate::env_num("BENCH_SECS", 10);
+    // How the nodes receive the namespace's live publications: one NATS subscription
+    // per namespace (what a deployment of personal channels configures) or per channel.
+    let live = std::env::var("BENCH_LIVE_SUBSCRIPTION").unwrap_or_else(|_| "namespace".into());
     // Presence in Redis, as a chat deployment runs: every connect registers the
     // connection, every subscribe joins the channel's presence.
     let (redis, redis_url) = Node::start_redis();
@@ -36,11 +39,15 @@ pub async fn run(nats_bin: &str, token: &str) {
             ("SWITCHYARD_NAMESPACES__BENCH__HISTORY_SIZE", "4".into()),
             ("SWITCHYARD_NAMESPACES__BENCH__PRESENCE", "true".into()),
             ("SWITCHYARD_REDIS__URL", redis_url),
+            (
+                "SWITCHYARD_NAMESPACES__BENCH__LIVE_SUBSCRIPTION",
+                live.clone(),
+            ),
         ],
     )
     .await;
     println!(
-        "bench: personal and group channels: {conns} connections over 3 nodes, each on bench.u<i> and bench.g<i/{GROUP}>; nats-server, redis-server (presence) and the nodes on CPU 0, {rate} publications/s for {secs} s"
+        "bench: personal and group channels: {conns} connections over 3 nodes, each on bench.u<i> and bench.g<i/{GROUP}>; nats-server, redis-server (presence) and the nodes on CPU 0, {rate} publications/s for {secs} s; live_subscription = \"{live}\""
     );
     let rss = || nodes.iter().map(|n| n.rss_kib()).sum::<u64>();
     let subs0 = nats_subscriptions(&nats).await;

@@ -8,6 +8,7 @@
 //! delivered, so a node's hub always sees a channel complete and in order.
 
 mod acks;
+mod dispatch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,7 @@ use super::{
 };
 use crate::channel::Channel;
 use crate::clock::unix_ms;
-use crate::config::{Config, ConfigError, NatsConfig, StreamStorage};
+use crate::config::{Config, ConfigError, LiveSubscription, NatsConfig, StreamStorage};
 
 // Header names as values: a `&str` name is validated and copied into a fresh
 // allocation on every insert and every lookup.
@@ -53,6 +54,9 @@ struct NamespaceStream {
     problem: Mutex<Option<String>>,
     /// The JetStream round trip of a publication, looked up once.
     publish_latency: metrics::Histogram,
+    /// The namespace-wide live subscription (`live_subscription = "namespace"`);
+    /// `None`: one per channel.
+    live: Option<dispatch::NamespaceLive>,
 }
 
 impl NamespaceStream {
@@ -133,14 +137,28 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// What delivering one channel's publications on this node needs: the stream to
+/// repair from and the hub to hand them to.
+struct ChannelLink {
+    stream: Arc<stream::Stream>,
+    deliveries: Arc<dyn Deliveries>,
+    channel: Channel,
+    /// The channel's subject in the stream.
+    subject: String,
+}
+
 /// Hands a publication to the hub inside a `deliver` span whose parent is the
 /// publisher's span (from the message's `traceparent`).
-fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Publication) {
+fn deliver_traced(
+    deliveries: &dyn Deliveries,
+    headers: Option<&HeaderMap>,
+    publication: Publication,
+) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     // One span per publication per node, with how many local subscribers it reached.
     let span = tracing::info_span!(
         "deliver",
-        channel = %t.channel,
+        channel = %publication.channel,
         seq = crate::telemetry::int(publication.seq),
         recipients = tracing::field::Empty,
     );
@@ -150,8 +168,24 @@ fn deliver_traced(t: &LiveTask, headers: Option<&HeaderMap>, publication: Public
         let _ = span.set_parent(parent);
     }
     let _entered = span.enter();
-    let recipients = t.deliveries.publication(&Arc::new(publication));
+    let recipients = deliveries.publication(&Arc::new(publication));
     span.record("recipients", crate::telemetry::int(recipients));
+}
+
+/// Hands a republished message of the channel to the hub.
+fn deliver_message(link: &ChannelLink, seq: u64, msg: &async_nats::Message) {
+    if let Some(p) = publication(&link.channel, seq, msg.headers.as_ref(), &msg.payload) {
+        deliver_traced(&*link.deliveries, msg.headers.as_ref(), p);
+    }
+}
+
+/// A republished message's own seq and the seq of the channel's previous one.
+fn live_position(msg: &async_nats::Message) -> Option<(u64, u64)> {
+    let headers = msg.headers.as_ref()?;
+    Some((
+        header_u64(headers, NATS_SEQUENCE)?,
+        header_u64(headers, NATS_LAST_SEQUENCE)?,
+    ))
 }
 
 fn header_u64(h: &HeaderMap, name: HeaderName) -> Option<u64> {
@@ -283,6 +317,15 @@ impl NatsBroker {
                         .publishing(name)
                         .jetstream_publish
                         .clone(),
+                    live: (ns.live_subscription == LiveSubscription::Namespace).then(|| {
+                        dispatch::NamespaceLive::new(
+                            client.clone(),
+                            Arc::clone(&deliveries),
+                            reconnects.subscribe(),
+                            &cfg,
+                            name,
+                        )
+                    }),
                 };
                 (name.clone(), slot)
             })
@@ -674,7 +717,10 @@ impl NatsBroker {
         let ns = self.namespace(channel)?;
         self.connected()?;
         let stream = ns.stream()?;
-        let mut ready = {
+        if let Some(live) = &ns.live {
+            return live.watch(channel, stream).await;
+        }
+        let ready = {
             let mut live = self.live.lock();
             match live.get_mut(channel) {
                 Some(l) => {
@@ -684,11 +730,13 @@ impl NatsBroker {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     let task = tokio::spawn(run_live(LiveTask {
+                        link: ChannelLink {
+                            stream: stream.clone(),
+                            deliveries: Arc::clone(&self.deliveries),
+                            channel: channel.clone(),
+                            subject: self.subject(channel),
+                        },
                         client: self.client.clone(),
-                        stream: stream.clone(),
-                        deliveries: Arc::clone(&self.deliveries),
-                        channel: channel.clone(),
-                        subject: self.subject(channel),
                         live_subject: format!("{}.{channel}", self.cfg.live_prefix),
                         ready: tx,
                         reconnects: self.reconnects.subscribe(),
@@ -705,17 +753,7 @@ impl NatsBroker {
                 }
             }
         };
-        let outcome =
-            tokio::time::timeout(self.cfg.request_timeout, ready.wait_for(Option::is_some)).await;
-        let result = match outcome {
-            Ok(Ok(state)) => match &*state {
-                Some(Ok(())) => Ok(()),
-                Some(Err(e)) => Err(unavailable("live subscription", e)),
-                None => Err(unavailable("live subscription", "not ready")),
-            },
-            Ok(Err(_)) => Err(unavailable("live subscription", "ended")),
-            Err(_) => Err(unavailable("live subscription", "timed out")),
-        };
+        let result = ready_within(ready, self.cfg.request_timeout).await;
         if result.is_err() {
             self.unwatch(channel);
         }
@@ -724,11 +762,8 @@ impl NatsBroker {
 }
 
 struct LiveTask {
+    link: ChannelLink,
     client: async_nats::Client,
-    stream: Arc<stream::Stream>,
-    deliveries: Arc<dyn Deliveries>,
-    channel: Channel,
-    subject: String,
     live_subject: String,
     ready: watch::Sender<Option<Result<(), String>>>,
     reconnects: watch::Receiver<u64>,
@@ -755,28 +790,20 @@ async fn run_live(mut t: LiveTask) {
                 }
                 // While disconnected, republished messages were lost without a trace:
                 // fetch everything stored after the last one delivered.
-                last = Box::pin(repair(&t, last, u64::MAX)).await;
+                last = Box::pin(repair(&t.link, last, u64::MAX)).await;
                 continue;
             }
         };
-        let Some(headers) = msg.headers.as_ref() else {
-            continue;
-        };
-        let (Some(seq), Some(prev)) = (
-            header_u64(headers, NATS_SEQUENCE),
-            header_u64(headers, NATS_LAST_SEQUENCE),
-        ) else {
+        let Some((seq, prev)) = live_position(&msg) else {
             continue;
         };
         if seq <= last {
             continue;
         }
         if prev > last {
-            Box::pin(repair(&t, last, seq)).await;
+            Box::pin(repair(&t.link, last, seq)).await;
         }
-        if let Some(p) = publication(&t.channel, seq, Some(headers), &msg.payload) {
-            deliver_traced(&t, Some(headers), p);
-        }
+        deliver_message(&t.link, seq, &msg);
         last = seq;
     }
 }
@@ -797,27 +824,49 @@ async fn open_live(t: &LiveTask) -> Option<(async_nats::Subscriber, u64)> {
     if let Err(e) = t.client.request("$JS.API.INFO", Bytes::new()).await {
         return fail(e.to_string());
     }
-    // Everything stored up to now is the subscribers' history; live starts after it.
-    let last = match t
-        .stream
-        .direct_get_last_for_subject(t.subject.clone())
-        .await
-    {
-        Ok(m) => m.sequence,
-        Err(_) => 0,
-    };
+    let last = live_start(&t.link).await;
     t.ready.send_replace(Some(Ok(())));
     Some((sub, last))
 }
 
+/// Where live delivery of a channel starts: everything stored up to now is its
+/// subscribers' history. Read once the live subscription is registered.
+async fn live_start(link: &ChannelLink) -> u64 {
+    match link
+        .stream
+        .direct_get_last_for_subject(link.subject.clone())
+        .await
+    {
+        Ok(m) => m.sequence,
+        Err(_) => 0,
+    }
+}
+
+/// Waits until a watched channel's live delivery is ready (or failed), at most
+/// `nats.request_timeout`.
+async fn ready_within(
+    mut ready: watch::Receiver<Option<Result<(), String>>>,
+    timeout: Duration,
+) -> Result<(), EngineError> {
+    match tokio::time::timeout(timeout, ready.wait_for(Option::is_some)).await {
+        Ok(Ok(state)) => match &*state {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(unavailable("live subscription", e)),
+            None => Err(unavailable("live subscription", "not ready")),
+        },
+        Ok(Err(_)) => Err(unavailable("live subscription", "ended")),
+        Err(_) => Err(unavailable("live subscription", "timed out")),
+    }
+}
+
 /// Delivers the stored publications of the channel between `last` and `until`
 /// (exclusive) that the live subject did not bring; returns the last delivered.
-async fn repair(t: &LiveTask, last: u64, until: u64) -> u64 {
-    tracing::debug!(channel = %t.channel, from = last, until, "repairing a live gap");
-    let repaired = repair_from(t, last, until).await;
+async fn repair(link: &ChannelLink, last: u64, until: u64) -> u64 {
+    tracing::debug!(channel = %link.channel, from = last, until, "repairing a live gap");
+    let repaired = repair_from(link, last, until).await;
     if repaired > last {
         crate::metrics::get()
-            .delivering(t.channel.namespace())
+            .delivering(link.channel.namespace())
             .gap_repairs
             .increment(1);
     }
@@ -825,23 +874,25 @@ async fn repair(t: &LiveTask, last: u64, until: u64) -> u64 {
 }
 
 /// The loop of [`repair`]: one direct get per missing publication.
-async fn repair_from(t: &LiveTask, mut last: u64, until: u64) -> u64 {
+async fn repair_from(link: &ChannelLink, mut last: u64, until: u64) -> u64 {
     loop {
-        match t
+        match link
             .stream
-            .direct_get_next_for_subject(t.subject.clone(), Some(last.saturating_add(1)))
+            .direct_get_next_for_subject(link.subject.clone(), Some(last.saturating_add(1)))
             .await
         {
             Ok(m) if m.sequence < until => {
-                if let Some(p) = publication(&t.channel, m.sequence, Some(&m.headers), &m.payload) {
-                    deliver_traced(t, Some(&m.headers), p);
+                if let Some(p) =
+                    publication(&link.channel, m.sequence, Some(&m.headers), &m.payload)
+                {
+                    deliver_traced(&*link.deliveries, Some(&m.headers), p);
                 }
                 last = m.sequence;
             }
             Ok(_) => return last,
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return last,
             Err(e) => {
-                tracing::warn!(channel = %t.channel, error = %e, "gap repair failed");
+                tracing::warn!(channel = %link.channel, error = %e, "gap repair failed");
                 return last;
             }
         }
@@ -925,6 +976,10 @@ impl Broker for NatsBroker {
     }
 
     fn unwatch(&self, channel: &Channel) {
+        if let Some(live) = self.namespace(channel).ok().and_then(|ns| ns.live.as_ref()) {
+            live.unwatch(channel);
+            return;
+        }
         let mut live = self.live.lock();
         if let Some(l) = live.get_mut(channel) {
             l.refs -= 1;
