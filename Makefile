@@ -142,7 +142,8 @@ bench-ingest: build $(NATS_SERVER)
 	ulimit -n 20000 && BENCH_TARGET=ingest NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench
 
 ## Personal and group channels at scale: 10,000 connections over a 3-node cluster, each
-## on its own channel and a 10-member group (nats-server + 3 nodes on CPU 0).
+## on its own channel and a 10-member group (nats-server, redis-server + 3 nodes on CPU 0);
+## BENCH_LIVE_SUBSCRIPTION=channel for one NATS subscription per channel (default: namespace).
 bench-personal: build $(NATS_SERVER) redis-server
 	cargo build --release --example bench
 	ulimit -n 20000 && BENCH_TARGET=personal NATS_SERVER=$(NATS_SERVER) taskset -c 1 target/release/examples/bench

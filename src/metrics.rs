@@ -193,6 +193,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("switchyard_nats_up", "1 while the NATS connection is up."),
     ("switchyard_nats_disconnects_total", "Times the NATS connection was lost."),
     ("switchyard_jetstream_acks_waiting", "JetStream publishes of this node awaiting their ack, at scrape time (at most 5,000; past it a publish waits)."),
+    ("switchyard_tasks", "Tasks alive in the process's runtime, at scrape time: two per connection, plus one per channel held with live_subscription = \"channel\"."),
     ("switchyard_redis_up", "1 while the last exchange with Redis succeeded."),
     ("switchyard_redis_disconnects_total", "Times Redis went from up to down."),
     ("switchyard_redis_roundtrip_seconds", "One Redis pipeline round trip (presence, cursors, control, heartbeat)."),

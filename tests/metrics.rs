@@ -559,6 +559,39 @@ async fn acks_given_up_leave_the_count_of_acks_waiting() {
     assert_eq!(waiting(scrape(gw).await), 0.0);
 }
 
+/// `switchyard_tasks` counts a live task per channel a node holds with the default
+/// live subscription, and none with one subscription per namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_gauge_shows_what_a_held_channel_costs() {
+    const CHANNELS: usize = 50;
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let namespace = [(
+        "SWITCHYARD_NAMESPACES__CHAT__LIVE_SUBSCRIPTION",
+        "namespace".to_string(),
+    )];
+    let mut grew = Vec::new();
+    for (id, extra) in [("per-channel", &[][..]), ("per-namespace", &namespace[..])] {
+        let (_gw, gw) = gateway(&nats, &redis, id, extra).await;
+        let tasks = |s: Scrape| s.get("switchyard_tasks", &[]);
+        let before = tasks(scrape(gw).await);
+        assert!(before > 0.0, "{id}: the gauge is exported");
+        let mut c = connect_as(gw, "reader", CHAT_CAPS).await;
+        for i in 0..CHANNELS {
+            c.subscribe(&format!("chat.{id}.{i}")).await;
+        }
+        grew.push(tasks(scrape(gw).await) - before);
+    }
+    assert!(
+        grew[0] >= CHANNELS as f64,
+        "a task per channel held: {grew:?}"
+    );
+    assert!(
+        grew[1] < (CHANNELS / 2) as f64,
+        "no task per channel with one subscription per namespace: {grew:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_slow_consumers_and_rate_limits_are_counted_by_code() {
     // In process: this test binary's registry is this node's alone (the other

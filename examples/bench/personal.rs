@@ -7,8 +7,10 @@
 //! go half to random personal channels (one delivery each), half to random groups
 //! (ten each). Reported: deliveries per server CPU-second and latency (p50/p99),
 //! every delivery checked for count and per-channel order, the nodes' memory per
-//! connection, and per 10,000 channels a node holds: its memory and the NATS
-//! subscriptions (from nats-server's `/subsz`).
+//! connection, and per 10,000 channels a node holds: its memory, its tasks (the
+//! nodes' `switchyard_tasks`) and the NATS subscriptions (from nats-server's
+//! `/subsz`). `BENCH_LIVE_SUBSCRIPTION` (`namespace`, the default, or `channel`)
+//! sets the namespace's `live_subscription`.
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,7 @@ pub async fn run(nats_bin: &str, token: &str) {
     );
     let rss = || nodes.iter().map(|n| n.rss_kib()).sum::<u64>();
     let subs0 = nats_subscriptions(&nats).await;
+    let tasks0 = tasks(&nodes).await;
 
     // Connect everyone first, then subscribe: memory per connection, then per channel.
     let rss0 = rss();
@@ -70,6 +73,7 @@ pub async fn run(nats_bin: &str, token: &str) {
     }
     let connect_secs = started.elapsed().as_secs_f64();
     let rss1 = rss();
+    let tasks1 = tasks(&nodes).await;
     // At most 200 connections subscribing at once (as the connects); a 113 (the
     // backbone did not confirm in time) is retried, and counted.
     let mut subscribers = Vec::with_capacity(conns);
@@ -91,6 +95,7 @@ pub async fn run(nats_bin: &str, token: &str) {
     let presence_keys = redis_keys(&redis).await;
     let rss2 = rss();
     let subs1 = nats_subscriptions(&nats).await;
+    let tasks2 = tasks(&nodes).await;
     let channels = conns + conns.div_ceil(GROUP);
     // Every group has members on all three nodes; personal channels are on one.
     let channels_per_node = conns / 3 + conns.div_ceil(GROUP);
@@ -215,6 +220,13 @@ pub async fn run(nats_bin: &str, token: &str) {
         subs1.saturating_sub(subs0) as f64 / (3 * channels_per_node) as f64,
         subs1.saturating_sub(subs0) as f64 / (3 * channels_per_node) as f64 * 10_000.0
     );
+    println!(
+        "tasks (nodes' runtimes):    {tasks0} -> {tasks1} connected ({:.2} per connection) -> {tasks2} subscribed (+{}: {:.2} per channel a node holds, {:.0} per 10,000)",
+        tasks1.saturating_sub(tasks0) as f64 / conns as f64,
+        tasks2.saturating_sub(tasks1),
+        tasks2.saturating_sub(tasks1) as f64 / (3 * channels_per_node) as f64,
+        tasks2.saturating_sub(tasks1) as f64 / (3 * channels_per_node) as f64 * 10_000.0
+    );
     println!("published:                  {total} in {published_in:.2} s ({confirmed} confirmed)");
     println!(
         "deliveries:                 {delivered} of {expected} (in order per channel: {ordered})"
@@ -318,6 +330,24 @@ async fn nats_subscriptions(nats: &Node) -> u64 {
     let mut body = Vec::new();
     s.read_to_end(&mut body).await.expect("response");
     raw_ws::number_after(&body, b"\"num_subscriptions\": ").expect("num_subscriptions")
+}
+
+/// Tasks alive in the nodes' runtimes (`switchyard_tasks` on each `/metrics`).
+async fn tasks(nodes: &[Node]) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sum = 0;
+    for node in nodes {
+        let mut s = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("a node");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.expect("response");
+        sum += raw_ws::number_after(&body, b"\nswitchyard_tasks ").expect("switchyard_tasks");
+    }
+    sum
 }
 
 /// How many keys redis-server holds (`DBSIZE`).

@@ -153,6 +153,11 @@ fn metrics(node: &Node) -> Response<Body> {
         .set(bytes as f64);
     m.gauge("switchyard_jetstream_acks_waiting", vec![])
         .set(node.engine.broker.acks_waiting() as f64);
+    m.gauge("switchyard_tasks", vec![]).set(
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as f64,
+    );
     if let Some(up) = node.engine.registry.store_up() {
         m.gauge("switchyard_redis_up", vec![])
             .set(f64::from(u8::from(up)));
