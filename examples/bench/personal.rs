@@ -317,37 +317,32 @@ async fn read(
 
 /// nats-server's subscription count (`/subsz` on its monitoring port).
 async fn nats_subscriptions(nats: &Node) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(monitor) = nats.monitor else {
         return 0;
     };
-    let mut s = tokio::net::TcpStream::connect(monitor)
-        .await
-        .expect("monitor");
-    s.write_all(b"GET /subsz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await.expect("response");
+    let body = http_get(monitor, "/subsz").await;
     raw_ws::number_after(&body, b"\"num_subscriptions\": ").expect("num_subscriptions")
 }
 
 /// Tasks alive in the nodes' runtimes (`switchyard_tasks` on each `/metrics`).
 async fn tasks(nodes: &[Node]) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sum = 0;
     for node in nodes {
-        let mut s = tokio::net::TcpStream::connect(node.addr)
-            .await
-            .expect("a node");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("request");
-        let mut body = Vec::new();
-        s.read_to_end(&mut body).await.expect("response");
+        let body = http_get(node.addr, "/metrics").await;
         sum += raw_ws::number_after(&body, b"\nswitchyard_tasks ").expect("switchyard_tasks");
     }
     sum
+}
+
+/// The whole response (head and body) to a `GET` of `path`.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("request");
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).await.expect("response");
+    response
 }
 
 /// How many keys redis-server holds (`DBSIZE`).

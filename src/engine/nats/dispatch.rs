@@ -50,6 +50,7 @@ struct Shared {
     routes: Mutex<Routes>,
 }
 
+/// The channels this node holds in the namespace.
 #[derive(Default)]
 struct Routes {
     channels: HashMap<Channel, Route>,
@@ -70,11 +71,13 @@ struct Route {
     opening: Option<watch::Receiver<Option<Result<(), String>>>>,
 }
 
+/// Who delivers a channel's messages now.
 enum Phase {
     /// The subscription's task delivers each message that follows `last`.
     Live { last: u64 },
     /// An opening or a repair task owns the channel: messages wait for it, and once
     /// more than [`MAX_HELD`] came (or the connection was lost) it reads the stream.
+    /// Each held message with its seq and the channel's previous seq.
     Held {
         held: Vec<(u64, u64, async_nats::Message)>,
         refetch: bool,
@@ -82,6 +85,7 @@ enum Phase {
 }
 
 impl NamespaceLive {
+    /// The namespace's live subscription, not opened yet.
     pub(super) fn new(
         client: async_nats::Client,
         deliveries: Arc<dyn Deliveries>,
