@@ -981,6 +981,13 @@ mod tests {
         assert!(e.contains("histroy_size"), "{e}");
         let e = with_file("[namespaces.z]\nmax_replay = 0").unwrap_err().0;
         assert!(e.contains("namespaces.z.max_replay"), "{e}");
+        let e = with_file("[namespaces.w]\nlive_subscription = \"node\"")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("namespaces.w.live_subscription") && e.contains("namespace"),
+            "{e}"
+        );
         let shipped = Config::load(Some(Path::new(SHIPPED))).unwrap();
         let mut c = shipped.clone();
         if let Some(prices) = c.namespaces.get_mut("prices") {
