@@ -172,10 +172,15 @@ fn deliver_traced(
     span.record("recipients", crate::telemetry::int(recipients));
 }
 
-/// Hands a republished message of the channel to the hub.
-fn deliver_message(link: &ChannelLink, seq: u64, msg: &async_nats::Message) {
-    if let Some(p) = publication(&link.channel, seq, msg.headers.as_ref(), &msg.payload) {
-        deliver_traced(&*link.deliveries, msg.headers.as_ref(), p);
+/// Hands a republished message of `channel` to the hub.
+fn deliver_message(
+    deliveries: &dyn Deliveries,
+    channel: &Channel,
+    seq: u64,
+    msg: &async_nats::Message,
+) {
+    if let Some(p) = publication(channel, seq, msg.headers.as_ref(), &msg.payload) {
+        deliver_traced(deliveries, msg.headers.as_ref(), p);
     }
 }
 
@@ -803,7 +808,7 @@ async fn run_live(mut t: LiveTask) {
         if prev > last {
             Box::pin(repair(&t.link, last, seq)).await;
         }
-        deliver_message(&t.link, seq, &msg);
+        deliver_message(&*t.link.deliveries, &t.link.channel, seq, &msg);
         last = seq;
     }
 }

@@ -16,8 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, OnceCell};
 
 use super::{
-    deliver_message, deliver_traced, live_position, live_start, publication, ready_within, repair,
-    unavailable, ChannelLink,
+    deliver_message, live_position, live_start, ready_within, repair, unavailable, ChannelLink,
 };
 use crate::channel::Channel;
 use crate::engine::{Deliveries, EngineError};
@@ -122,7 +121,6 @@ impl NamespaceLive {
             .await?;
         let ready = {
             let mut routes = self.shared.routes.lock();
-            let id = routes.next_id;
             match routes.channels.get_mut(channel) {
                 Some(route) => {
                     route.refs += 1;
@@ -132,6 +130,7 @@ impl NamespaceLive {
                     }
                 }
                 None => {
+                    let id = routes.next_id;
                     routes.next_id += 1;
                     let (tx, rx) = watch::channel(None);
                     routes.channels.insert(
@@ -274,9 +273,7 @@ async fn run(shared: Arc<Shared>, mut sub: async_nats::Subscriber) {
                 }
             }
         };
-        if let Some(p) = publication(&channel, seq, msg.headers.as_ref(), &msg.payload) {
-            deliver_traced(&*shared.deliveries, msg.headers.as_ref(), p);
-        }
+        deliver_message(&*shared.deliveries, &channel, seq, &msg);
     }
 }
 
@@ -360,7 +357,7 @@ async fn drain(shared: Arc<Shared>, channel: Channel, id: u64, mut last: u64) {
             if prev > last {
                 repair(&link, last, seq).await;
             }
-            deliver_message(&link, seq, &msg);
+            deliver_message(&*link.deliveries, &channel, seq, &msg);
             last = seq;
         }
     }
